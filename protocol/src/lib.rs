@@ -1,0 +1,338 @@
+//! The wire protocol between the metering filter (inside Envoy) and the ledger sidecar.
+//!
+//! This crate is the one definition of every message both sides exchange; the filter
+//! serialises these types and the sidecar deserialises the same types, so a field cannot
+//! drift between them. Everything is JSON over HTTP/1.1, authenticated by a shared secret
+//! in [`HEADER_SECRET`].
+//!
+//! Token counts are integers (`u64`); money never crosses this boundary except as a decimal
+//! string in responses (the sidecar owns pricing).
+
+use serde::{Deserialize, Serialize};
+
+/// Header that carries the shared secret on every internal call.
+pub const HEADER_SECRET: &str = "x-meter-secret";
+
+/// Reserve quota before a call is forwarded upstream.
+pub const PATH_AUTHORIZE: &str = "/internal/v1/authorize";
+/// Post the actual usage of one call and release the rest of its hold.
+pub const PATH_SETTLE: &str = "/internal/v1/settle";
+/// Release a hold with no charge (the upstream failed).
+pub const PATH_VOID: &str = "/internal/v1/void";
+/// Apply many settlements and voids in one request (the filter's outbox uses this).
+pub const PATH_FINALIZE_BATCH: &str = "/internal/v1/finalize";
+
+/// Who is calling. The filter learns it from a header set by an earlier authn filter or
+/// the mesh (`UserId`), or from the caller's own API key, which the sidecar resolves.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Caller {
+    UserId(String),
+    ApiKey(String),
+}
+
+/// Admission request, sent before the upstream sees the call.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizeRequest {
+    /// Unique per call (Envoy's `x-request-id`); the idempotency key of the whole call.
+    pub request_id: String,
+    pub caller: Caller,
+    /// Provider code as configured for the route (e.g. `openai`, `dashscope`).
+    pub provider: String,
+    /// Model as named in the request body.
+    pub model: String,
+    /// Prompt tokens estimated from the request body.
+    pub estimated_input_tokens: u64,
+    /// The request's own output cap (`max_tokens` or the provider's equivalent), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
+    /// Images asked for (image generation `n`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_images: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+/// Why a call was denied. The HTTP status the filter answers with is part of the
+/// protocol so both sides agree on it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyCode {
+    /// The caller has quota of this type, but not enough left for this call.
+    QuotaExhausted,
+    /// The caller has never been granted quota of this type.
+    NoQuota,
+    /// The API key is unknown or revoked.
+    InvalidApiKey,
+    /// The model exists but is disabled.
+    ModelDisabled,
+    /// The model has no active price and the sidecar is configured to deny unpriced calls.
+    ModelUnpriced,
+    /// The request itself is not acceptable (e.g. an absurd output cap).
+    InvalidRequest,
+}
+
+impl DenyCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            DenyCode::QuotaExhausted => 429,
+            DenyCode::NoQuota => 402,
+            DenyCode::InvalidApiKey => 401,
+            DenyCode::ModelDisabled | DenyCode::ModelUnpriced => 403,
+            DenyCode::InvalidRequest => 400,
+        }
+    }
+
+    /// Stable machine-readable code, also used as the OpenAI-style `error.code`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyCode::QuotaExhausted => "quota_exhausted",
+            DenyCode::NoQuota => "no_quota",
+            DenyCode::InvalidApiKey => "invalid_api_key",
+            DenyCode::ModelDisabled => "model_disabled",
+            DenyCode::ModelUnpriced => "model_unpriced",
+            DenyCode::InvalidRequest => "invalid_request",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub code: DenyCode,
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizeResponse {
+    pub request_id: String,
+    pub decision: Decision,
+    /// The caller resolved to a ledger user (set when allowed; also when an API key resolved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// Quota type the call is metered against (e.g. `text_token`, `image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_type: Option<String>,
+    /// Units held for this call (0 when denied).
+    #[serde(default)]
+    pub held: u64,
+    /// False when the model has no active price: the call runs but is not billed.
+    #[serde(default)]
+    pub priced: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denial: Option<Denial>,
+}
+
+/// Normalised usage of one call. Every provider format is mapped onto these fields by the
+/// filter; subsets are explicit so that nothing is counted twice.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// All prompt tokens, including those read from or written to a prompt cache.
+    #[serde(default)]
+    pub input_tokens: u64,
+    /// Of `input_tokens`: read from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_input_tokens: u64,
+    /// Of `input_tokens`: written to the provider's prompt cache (Anthropic cache creation).
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    /// All completion tokens, including reasoning tokens.
+    #[serde(default)]
+    pub output_tokens: u64,
+    /// Of `output_tokens`: reasoning ("thinking") tokens.
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    /// Images produced.
+    #[serde(default)]
+    pub images: u64,
+}
+
+impl Usage {
+    /// Input plus output tokens: what a `text_token` quota counts.
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+}
+
+/// How a call ended, as the filter saw it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The response ended normally.
+    Completed,
+    /// The client went away, or the stream stopped without its terminal event: the usage
+    /// is input plus the output seen so far.
+    Partial,
+}
+
+/// Final usage of one call.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SettleRequest {
+    pub request_id: String,
+    /// Repeated here so a call admitted while the sidecar was unreachable (fail-open) can
+    /// still be settled without a prior hold.
+    pub caller: Caller,
+    pub provider: String,
+    pub model: String,
+    pub outcome: Outcome,
+    pub usage: Usage,
+    /// True when any count is estimated by the filter rather than reported by the provider.
+    #[serde(default)]
+    pub estimated: bool,
+    /// False when the call was forwarded without a hold (fail-open).
+    #[serde(default = "default_true")]
+    pub authorized: bool,
+    #[serde(default)]
+    pub upstream_status: u16,
+    /// When the call ended, in Unix milliseconds (the filter's clock), so a settlement
+    /// that arrives late is still booked on the right day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at_ms: Option<u64>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Release a hold without charge.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct VoidRequest {
+    pub request_id: String,
+    pub reason: String,
+    #[serde(default)]
+    pub upstream_status: u16,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SettleStatus {
+    /// Applied now.
+    Settled,
+    /// A retry of an identical settlement that was already applied: nothing changed.
+    AlreadySettled,
+    /// The hold was released without charge.
+    Voided,
+    /// A retry of a void that was already applied.
+    AlreadyVoided,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SettleResponse {
+    pub request_id: String,
+    pub status: SettleStatus,
+    /// Quota units charged to the caller's lots.
+    #[serde(default)]
+    pub charged: u64,
+    /// Units the caller consumed beyond its balance, recorded as debt.
+    #[serde(default)]
+    pub debt: u64,
+    /// Cost of the call as a decimal string (e.g. `"0.001234"`), absent when unpriced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+}
+
+/// One entry of the filter's outbox.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Finalize {
+    Settle(SettleRequest),
+    Void(VoidRequest),
+}
+
+impl Finalize {
+    pub fn request_id(&self) -> &str {
+        match self {
+            Finalize::Settle(s) => &s.request_id,
+            Finalize::Void(v) => &v.request_id,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FinalizeBatchRequest {
+    pub items: Vec<Finalize>,
+}
+
+/// Outcome of one batch item. `Rejected` is permanent (e.g. a retry with other figures):
+/// the filter must not send it again. `Retry` is transient.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum FinalizeResult {
+    Ok(SettleResponse),
+    Rejected { request_id: String, error: String },
+    Retry { request_id: String, error: String },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FinalizeBatchResponse {
+    pub results: Vec<FinalizeResult>,
+}
+
+/// Error body of every non-2xx answer from the sidecar (RFC 7807 problem details).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    #[serde(rename = "type", default = "about_blank")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+fn about_blank() -> String {
+    "about:blank".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_is_a_single_keyed_object() {
+        let json = serde_json::to_string(&Caller::UserId("alice".into())).unwrap();
+        assert_eq!(json, r#"{"user_id":"alice"}"#);
+        let back: Caller = serde_json::from_str(r#"{"api_key":"sk-1"}"#).unwrap();
+        assert_eq!(back, Caller::ApiKey("sk-1".into()));
+    }
+
+    #[test]
+    fn finalize_items_are_tagged_by_op() {
+        let item = Finalize::Void(VoidRequest {
+            request_id: "r1".into(),
+            reason: "upstream 500".into(),
+            upstream_status: 500,
+        });
+        let json = serde_json::to_value(&item).unwrap();
+        assert_eq!(json["op"], "void");
+        assert_eq!(item.request_id(), "r1");
+        let back: Finalize = serde_json::from_value(json).unwrap();
+        assert_eq!(back, item);
+    }
+
+    #[test]
+    fn settle_defaults_to_authorized_when_field_missing() {
+        let json = r#"{"request_id":"r","caller":{"user_id":"u"},"provider":"openai","model":"m",
+            "outcome":"completed","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        let settle: SettleRequest = serde_json::from_str(json).unwrap();
+        assert!(settle.authorized);
+        assert!(!settle.estimated);
+        assert_eq!(settle.usage.total_tokens(), 7);
+    }
+
+    #[test]
+    fn deny_codes_map_to_distinct_meaningful_statuses() {
+        assert_eq!(DenyCode::QuotaExhausted.http_status(), 429);
+        assert_eq!(DenyCode::NoQuota.http_status(), 402);
+        assert_eq!(DenyCode::InvalidApiKey.http_status(), 401);
+        let json = serde_json::to_string(&DenyCode::QuotaExhausted).unwrap();
+        assert_eq!(json, format!("\"{}\"", DenyCode::QuotaExhausted.as_str()));
+    }
+}

@@ -1,0 +1,1 @@
+//! LLM metering filter for Envoy (proxy-wasm).
