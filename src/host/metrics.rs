@@ -1,0 +1,80 @@
+//! Counters visible in Envoy's `/stats` (Envoy prefixes custom Wasm metrics with
+//! `wasmcustom.`), e.g. `wasmcustom.llm_meter.requests_metered`.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+/// A counter; `None` when the host refused to define it (metering goes on without it).
+#[derive(Debug, Clone, Copy)]
+pub struct Counter(Option<u32>);
+
+impl Counter {
+    fn define(name: &str) -> Counter {
+        match hostcalls::define_metric(MetricType::Counter, &format!("llm_meter.{name}")) {
+            Ok(id) => Counter(Some(id)),
+            Err(status) => {
+                log::warn!("llm-meter: cannot define metric {name}: {status:?}");
+                Counter(None)
+            }
+        }
+    }
+
+    pub fn add(&self, value: u64) {
+        if let (Some(id), true) = (self.0, value > 0) {
+            let offset = value.min(i64::MAX as u64) as i64;
+            let _ = hostcalls::increment_metric(id, offset);
+        }
+    }
+
+    pub fn inc(&self) {
+        self.add(1);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Metrics {
+    /// Requests on a metered route that reached the authorize step.
+    pub requests_metered: Counter,
+    pub allowed: Counter,
+    pub denied: Counter,
+    pub failed_open: Counter,
+    pub failed_closed: Counter,
+    /// Answered by the filter before authorize: no identity, bad or oversized body.
+    pub rejected_requests: Counter,
+    pub tokens_in: Counter,
+    pub tokens_out: Counter,
+    /// Settlements with any estimated figure.
+    pub estimated_settlements: Counter,
+    /// Settlements and voids queued for delivery.
+    pub finalized: Counter,
+    pub voided: Counter,
+    /// Items applied by the sidecar.
+    pub settled: Counter,
+    pub settlement_retries: Counter,
+    /// Items the sidecar rejected for good.
+    pub settlement_rejected: Counter,
+    /// Items dropped because the outbox was full (or could not be drained at shutdown).
+    pub outbox_dropped: Counter,
+}
+
+impl Metrics {
+    pub fn define() -> Metrics {
+        Metrics {
+            requests_metered: Counter::define("requests_metered"),
+            allowed: Counter::define("allowed"),
+            denied: Counter::define("denied"),
+            failed_open: Counter::define("failed_open"),
+            failed_closed: Counter::define("failed_closed"),
+            rejected_requests: Counter::define("rejected_requests"),
+            tokens_in: Counter::define("tokens_in"),
+            tokens_out: Counter::define("tokens_out"),
+            estimated_settlements: Counter::define("estimated_settlements"),
+            finalized: Counter::define("finalized"),
+            voided: Counter::define("voided"),
+            settled: Counter::define("settled"),
+            settlement_retries: Counter::define("settlement_retries"),
+            settlement_rejected: Counter::define("settlement_rejected"),
+            outbox_dropped: Counter::define("outbox_dropped"),
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! The thin layer between the pure metering logic and the proxy-wasm host (wasm32 only).
+//!
+//! - `root`: one per plugin per VM; validates the configuration, owns the settlement outbox
+//!   and delivers it to the sidecar on a tick (HTTP calls made by a request's own context
+//!   would be lost with it).
+//! - `http`: one per request; admission, response metering, and exactly one settlement.
+//! - `metrics`: Envoy counters.
+
+mod http;
+mod metrics;
+mod root;
+
+use proxy_wasm::types::LogLevel;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Debug);
+    proxy_wasm::set_root_context(|context_id| Box::new(root::MeterRoot::new(context_id)));
+}}
+
+/// Unix milliseconds of a host timestamp (0 if the clock is before the epoch).
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,293 @@
+//! Root context: configuration, and delivery of the settlement outbox.
+
+use super::http::MeterHttp;
+use super::metrics::Metrics;
+use super::unix_ms;
+use crate::config::Config;
+use crate::outbox::{Batch, Outbox, OutboxConfig, PushResult};
+use llm_meter_protocol::{
+    Finalize, FinalizeBatchRequest, FinalizeBatchResponse, HEADER_SECRET, PATH_FINALIZE_BATCH,
+};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// State shared by the root context and the request contexts of one plugin in one VM
+/// (one thread: `Rc`/`RefCell` suffice).
+pub struct Shared {
+    pub config: Config,
+    pub metrics: Metrics,
+    outbox: RefCell<Outbox>,
+}
+
+impl Shared {
+    /// Queue a settlement or void for delivery by the root context.
+    pub fn enqueue(&self, item: Finalize, now_ms: u64) {
+        let request_id = item.request_id().to_string();
+        let pushed = match self.outbox.try_borrow_mut() {
+            Ok(mut outbox) => outbox.push(item, now_ms),
+            Err(_) => PushResult::Dropped,
+        };
+        match pushed {
+            PushResult::Queued => self.metrics.finalized.inc(),
+            PushResult::Dropped => {
+                self.metrics.outbox_dropped.inc();
+                log::error!("llm-meter: outbox full, settlement of {request_id} dropped");
+            }
+        }
+    }
+}
+
+pub struct MeterRoot {
+    context_id: u32,
+    shared: Option<Rc<Shared>>,
+    /// HTTP call token and batch id of the batch in flight.
+    in_flight: Option<(u32, u64)>,
+    /// The plugin is shutting down: deliver what is left, then signal `done`.
+    draining: bool,
+}
+
+impl MeterRoot {
+    pub fn new(context_id: u32) -> MeterRoot {
+        MeterRoot {
+            context_id,
+            shared: None,
+            in_flight: None,
+            draining: false,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        unix_ms(self.get_current_time())
+    }
+
+    /// Send the next due batch if none is in flight.
+    fn flush(&mut self, shared: &Shared) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let now = self.now_ms();
+        let Ok(mut outbox) = shared.outbox.try_borrow_mut() else {
+            return;
+        };
+        let Some(batch) = outbox.next_batch(now) else {
+            return;
+        };
+        // Never hold the borrow across a host call.
+        drop(outbox);
+        match self.send_batch(shared, &batch) {
+            Ok(token) => self.in_flight = Some((token, batch.id)),
+            Err(reason) => {
+                log::warn!(
+                    "llm-meter: finalize batch of {} not sent: {reason}",
+                    batch.items.len()
+                );
+                self.batch_failed(shared, batch.id);
+            }
+        }
+    }
+
+    fn send_batch(&self, shared: &Shared, batch: &Batch) -> Result<u32, String> {
+        let config = &shared.config;
+        let body = serde_json::to_vec(&FinalizeBatchRequest {
+            items: batch.items.clone(),
+        })
+        .map_err(|e| format!("cannot serialise: {e}"))?;
+        self.dispatch_http_call(
+            &config.sidecar_cluster,
+            vec![
+                (":method", "POST"),
+                (":path", PATH_FINALIZE_BATCH),
+                (":authority", &config.sidecar_authority),
+                ("content-type", "application/json"),
+                (HEADER_SECRET, &config.shared_secret),
+            ],
+            Some(&body),
+            vec![],
+            Duration::from_millis(config.timeout_ms),
+        )
+        .map_err(|status| format!("dispatch to cluster `{}` failed: {status:?}", config.sidecar_cluster))
+    }
+
+    fn batch_failed(&mut self, shared: &Shared, batch_id: u64) {
+        let now = self.now_ms();
+        let retried = match shared.outbox.try_borrow_mut() {
+            Ok(mut outbox) => outbox.on_batch_failed(batch_id, now),
+            Err(_) => 0,
+        };
+        shared.metrics.settlement_retries.add(retried);
+    }
+
+    fn on_batch_answer(&mut self, shared: &Shared, batch_id: u64, body_size: usize) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok());
+        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        let parsed = match status {
+            Some(200) => serde_json::from_slice::<FinalizeBatchResponse>(&body)
+                .map_err(|e| format!("unreadable answer: {e}")),
+            Some(status) => Err(format!(
+                "status {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            )),
+            None => Err("no answer (timeout or connection failure)".to_string()),
+        };
+        let response = match parsed {
+            Ok(response) => response,
+            Err(reason) => {
+                log::warn!("llm-meter: finalize batch failed, will retry: {reason}");
+                self.batch_failed(shared, batch_id);
+                return;
+            }
+        };
+        let now = self.now_ms();
+        let Ok(mut outbox) = shared.outbox.try_borrow_mut() else {
+            return;
+        };
+        let report = outbox.on_batch_results(batch_id, &response.results, now);
+        drop(outbox);
+        let metrics = &shared.metrics;
+        metrics.settled.add(report.settled);
+        metrics.settlement_retries.add(report.retried);
+        metrics.settlement_rejected.add(report.rejected.len() as u64);
+        for (request_id, error) in &report.rejected {
+            log::error!("llm-meter: sidecar rejected the settlement of {request_id}: {error}");
+        }
+        if report.unmatched_results > 0 {
+            log::warn!(
+                "llm-meter: {} finalize results named no item of the batch",
+                report.unmatched_results
+            );
+        }
+    }
+
+    /// Give up on what is left (shutdown could not deliver it) and let the host finish.
+    fn finish_draining(&mut self, shared: &Shared) {
+        let left = shared.outbox.borrow().len();
+        if left > 0 {
+            shared.metrics.outbox_dropped.add(left as u64);
+            log::error!("llm-meter: shutting down with {left} undelivered settlements");
+        }
+        self.done();
+    }
+}
+
+impl Context for MeterRoot {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        match self.in_flight {
+            Some((token, batch_id)) if token == token_id => {
+                self.in_flight = None;
+                self.on_batch_answer(&shared, batch_id, body_size);
+            }
+            _ => {
+                log::debug!("llm-meter: answer to an expired finalize call ignored");
+                return;
+            }
+        }
+        if self.draining {
+            let empty = shared.outbox.borrow().is_empty();
+            let due = shared.outbox.borrow().next_due_ms().is_some_and(|d| d <= self.now_ms());
+            if empty || !due {
+                self.finish_draining(&shared);
+                return;
+            }
+        }
+        // More may be waiting: keep the pipe busy rather than wait for the next tick.
+        self.flush(&shared);
+    }
+
+    fn on_done(&mut self) -> bool {
+        let Some(shared) = self.shared.clone() else {
+            return true;
+        };
+        self.flush(&shared);
+        if self.in_flight.is_none() {
+            let left = shared.outbox.borrow().len();
+            if left > 0 {
+                shared.metrics.outbox_dropped.add(left as u64);
+                log::error!("llm-meter: shutting down with {left} undelivered settlements");
+            }
+            return true;
+        }
+        self.draining = true;
+        false
+    }
+}
+
+impl RootContext for MeterRoot {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let config = match Config::parse(&bytes) {
+            Ok(config) => config,
+            Err(err) => {
+                log::error!("llm-meter: {err}");
+                return false;
+            }
+        };
+        let outbox_config = OutboxConfig {
+            batch_max: config.settle_batch_max,
+            retry_initial_ms: config.settle_retry_initial_ms,
+            retry_max_ms: config.settle_retry_max_ms,
+            capacity: config.outbox_capacity,
+            in_flight_deadline_ms: config.timeout_ms.saturating_mul(2).saturating_add(1000),
+        };
+        // A reconfiguration keeps what is still waiting to be delivered.
+        let outbox = match self.shared.take() {
+            Some(previous) => match Rc::try_unwrap(previous) {
+                Ok(previous) => previous.outbox.into_inner(),
+                Err(_) => Outbox::new(outbox_config),
+            },
+            None => Outbox::new(outbox_config),
+        };
+        self.set_tick_period(Duration::from_millis(config.settle_tick_ms));
+        log::info!(
+            "llm-meter: configured (root {}, sidecar cluster `{}`, provider `{}`, {:?})",
+            self.context_id,
+            config.sidecar_cluster,
+            config.provider,
+            config.failure_mode
+        );
+        self.shared = Some(Rc::new(Shared {
+            config,
+            metrics: Metrics::define(),
+            outbox: RefCell::new(outbox),
+        }));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let now = self.now_ms();
+        let expired = match shared.outbox.try_borrow_mut() {
+            Ok(mut outbox) => outbox.expire_in_flight(now),
+            Err(_) => 0,
+        };
+        if expired > 0 {
+            log::warn!("llm-meter: finalize batch unanswered past its deadline, will retry");
+            shared.metrics.settlement_retries.add(expired);
+            self.in_flight = None;
+        }
+        self.flush(&shared);
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(MeterHttp::new(context_id, self.shared.clone())))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

@@ -1,0 +1,420 @@
+//! Settlements waiting to be delivered to the sidecar.
+//!
+//! Pure logic driven by timestamps and results: the root context pushes `Finalize` items in,
+//! asks for the next batch on each tick, and reports how the batch went. Items are retried
+//! with exponential backoff until the sidecar applies them (or rejects them for good); the
+//! queue is bounded, and what does not fit is dropped and counted rather than growing the
+//! VM's memory without limit. At most one batch is in flight at a time.
+
+use llm_meter_protocol::{Finalize, FinalizeResult};
+use std::collections::VecDeque;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxConfig {
+    pub batch_max: usize,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub capacity: usize,
+    /// A batch with no answer after this long is treated as failed (the host normally
+    /// reports a timeout itself; this guards against a lost callback).
+    pub in_flight_deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    item: Finalize,
+    attempts: u32,
+    not_before_ms: u64,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    entries: Vec<Entry>,
+    deadline_ms: u64,
+}
+
+/// A batch handed to the host for sending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub id: u64,
+    pub items: Vec<Finalize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushResult {
+    Queued,
+    /// The outbox is full: the item was dropped.
+    Dropped,
+}
+
+/// What became of a batch's items, for logs and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Applied by the sidecar (including idempotent repeats).
+    pub settled: u64,
+    /// Scheduled again.
+    pub retried: u64,
+    /// Refused for good: `(request_id, error)`; never sent again.
+    pub rejected: Vec<(String, String)>,
+    /// Results that named no item of the batch (ignored).
+    pub unmatched_results: u64,
+    /// The answer was for a batch no longer in flight (ignored).
+    pub stale: bool,
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    config: OutboxConfig,
+    queue: VecDeque<Entry>,
+    in_flight: Option<InFlight>,
+    next_batch_id: u64,
+}
+
+impl Outbox {
+    pub fn new(config: OutboxConfig) -> Outbox {
+        Outbox {
+            config,
+            queue: VecDeque::new(),
+            in_flight: None,
+            next_batch_id: 1,
+        }
+    }
+
+    /// Items waiting or in flight.
+    pub fn len(&self) -> usize {
+        self.queue.len() + self.in_flight.as_ref().map_or(0, |f| f.entries.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn has_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    pub fn push(&mut self, item: Finalize, now_ms: u64) -> PushResult {
+        if self.len() >= self.config.capacity {
+            return PushResult::Dropped;
+        }
+        self.queue.push_back(Entry {
+            item,
+            attempts: 0,
+            not_before_ms: now_ms,
+        });
+        PushResult::Queued
+    }
+
+    /// The next batch to send, if nothing is in flight and something is due. Items whose
+    /// backoff has not elapsed stay queued; order among due items is preserved.
+    pub fn next_batch(&mut self, now_ms: u64) -> Option<Batch> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        while let Some(entry) = self.queue.pop_front() {
+            if taken.len() < self.config.batch_max && entry.not_before_ms <= now_ms {
+                taken.push(entry);
+            } else {
+                kept.push_back(entry);
+            }
+        }
+        self.queue = kept;
+        if taken.is_empty() {
+            return None;
+        }
+        let id = self.next_batch_id;
+        self.next_batch_id += 1;
+        let items = taken.iter().map(|e| e.item.clone()).collect();
+        self.in_flight = Some(InFlight {
+            id,
+            entries: taken,
+            deadline_ms: now_ms.saturating_add(self.config.in_flight_deadline_ms),
+        });
+        Some(Batch { id, items })
+    }
+
+    /// The sidecar answered the batch with per-item results. Items without a result are
+    /// retried: silence is not success.
+    pub fn on_batch_results(
+        &mut self,
+        batch_id: u64,
+        results: &[FinalizeResult],
+        now_ms: u64,
+    ) -> BatchReport {
+        let Some(entries) = self.take_in_flight(batch_id) else {
+            return BatchReport {
+                stale: true,
+                ..BatchReport::default()
+            };
+        };
+        let mut pending: Vec<Option<Entry>> = entries.into_iter().map(Some).collect();
+        let mut report = BatchReport::default();
+        for result in results {
+            let slot = pending.iter_mut().find(|slot| {
+                slot.as_ref()
+                    .is_some_and(|e| e.item.request_id() == result_request_id(result))
+            });
+            let Some(entry) = slot.and_then(Option::take) else {
+                report.unmatched_results += 1;
+                continue;
+            };
+            match result {
+                FinalizeResult::Ok(_) => report.settled += 1,
+                FinalizeResult::Rejected { request_id, error } => {
+                    report.rejected.push((request_id.clone(), error.clone()));
+                }
+                FinalizeResult::Retry { .. } => {
+                    self.requeue(entry, now_ms);
+                    report.retried += 1;
+                }
+            }
+        }
+        for entry in pending.into_iter().flatten() {
+            self.requeue(entry, now_ms);
+            report.retried += 1;
+        }
+        report
+    }
+
+    /// The batch could not be delivered (dispatch error, timeout, non-2xx, unreadable
+    /// answer): every item is retried. Returns how many.
+    pub fn on_batch_failed(&mut self, batch_id: u64, now_ms: u64) -> u64 {
+        let Some(entries) = self.take_in_flight(batch_id) else {
+            return 0;
+        };
+        let count = entries.len() as u64;
+        for entry in entries {
+            self.requeue(entry, now_ms);
+        }
+        count
+    }
+
+    /// Fail the in-flight batch if its deadline passed. Returns the items retried.
+    pub fn expire_in_flight(&mut self, now_ms: u64) -> u64 {
+        match &self.in_flight {
+            Some(flight) if flight.deadline_ms <= now_ms => {
+                let id = flight.id;
+                self.on_batch_failed(id, now_ms)
+            }
+            _ => 0,
+        }
+    }
+
+    fn take_in_flight(&mut self, batch_id: u64) -> Option<Vec<Entry>> {
+        match self.in_flight.take() {
+            Some(flight) if flight.id == batch_id => Some(flight.entries),
+            other => {
+                self.in_flight = other;
+                None
+            }
+        }
+    }
+
+    fn requeue(&mut self, mut entry: Entry, now_ms: u64) {
+        entry.attempts = entry.attempts.saturating_add(1);
+        entry.not_before_ms = now_ms.saturating_add(self.backoff_ms(entry.attempts));
+        self.queue.push_back(entry);
+    }
+
+    /// When the earliest queued item becomes due, if any is queued.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.queue.iter().map(|e| e.not_before_ms).min()
+    }
+
+    /// Delay before attempt `attempts + 1`: initial, doubling, capped at the maximum.
+    pub fn backoff_ms(&self, attempts: u32) -> u64 {
+        let doublings = attempts.saturating_sub(1).min(63);
+        self.config
+            .retry_initial_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.config.retry_max_ms)
+    }
+}
+
+fn result_request_id(result: &FinalizeResult) -> &str {
+    match result {
+        FinalizeResult::Ok(response) => &response.request_id,
+        FinalizeResult::Rejected { request_id, .. } | FinalizeResult::Retry { request_id, .. } => {
+            request_id
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llm_meter_protocol::{SettleResponse, SettleStatus, VoidRequest};
+
+    fn config() -> OutboxConfig {
+        OutboxConfig {
+            batch_max: 2,
+            retry_initial_ms: 100,
+            retry_max_ms: 1000,
+            capacity: 4,
+            in_flight_deadline_ms: 5000,
+        }
+    }
+
+    fn item(id: &str) -> Finalize {
+        Finalize::Void(VoidRequest {
+            request_id: id.into(),
+            reason: "test".into(),
+            upstream_status: 500,
+        })
+    }
+
+    fn ok(id: &str) -> FinalizeResult {
+        FinalizeResult::Ok(SettleResponse {
+            request_id: id.into(),
+            status: SettleStatus::Voided,
+            charged: 0,
+            debt: 0,
+            cost: None,
+            currency: None,
+        })
+    }
+
+    fn ids(batch: &Batch) -> Vec<&str> {
+        batch.items.iter().map(Finalize::request_id).collect()
+    }
+
+    #[test]
+    fn batches_respect_the_size_limit_and_order() {
+        let mut outbox = Outbox::new(config());
+        for id in ["a", "b", "c"] {
+            assert_eq!(outbox.push(item(id), 0), PushResult::Queued);
+        }
+        let first = outbox.next_batch(0).unwrap();
+        assert_eq!(ids(&first), ["a", "b"]);
+        assert!(outbox.next_batch(0).is_none(), "one batch in flight at a time");
+        let report = outbox.on_batch_results(first.id, &[ok("a"), ok("b")], 1);
+        assert_eq!(report.settled, 2);
+        let second = outbox.next_batch(1).unwrap();
+        assert_eq!(ids(&second), ["c"]);
+        outbox.on_batch_results(second.id, &[ok("c")], 2);
+        assert!(outbox.is_empty());
+        assert!(outbox.next_batch(3).is_none());
+    }
+
+    #[test]
+    fn failed_batches_back_off_exponentially_up_to_the_cap() {
+        let mut outbox = Outbox::new(config());
+        outbox.push(item("a"), 0);
+        let mut now: u64 = 0;
+        let mut delays = Vec::new();
+        for _ in 0..6 {
+            if now > 0 {
+                assert!(outbox.next_batch(now - 1).is_none(), "not due before {now}");
+            }
+            let batch = outbox.next_batch(now).expect("due");
+            assert_eq!(outbox.on_batch_failed(batch.id, now), 1);
+            let due = outbox.next_due_ms().expect("still queued");
+            delays.push(due - now);
+            now = due;
+        }
+        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+    }
+
+    #[test]
+    fn backoff_formula() {
+        let outbox = Outbox::new(config());
+        let got: Vec<u64> = (1..=6).map(|a| outbox.backoff_ms(a)).collect();
+        assert_eq!(got, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(outbox.backoff_ms(u32::MAX), 1000);
+    }
+
+    #[test]
+    fn results_are_matched_by_request_id_not_position() {
+        let mut outbox = Outbox::new(config());
+        outbox.push(item("a"), 0);
+        outbox.push(item("b"), 0);
+        let batch = outbox.next_batch(0).unwrap();
+        let results = [
+            FinalizeResult::Retry {
+                request_id: "b".into(),
+                error: "busy".into(),
+            },
+            FinalizeResult::Rejected {
+                request_id: "a".into(),
+                error: "different figures".into(),
+            },
+            ok("zzz"),
+        ];
+        let report = outbox.on_batch_results(batch.id, &results, 0);
+        assert_eq!(report.settled, 0);
+        assert_eq!(report.retried, 1);
+        assert_eq!(
+            report.rejected,
+            [("a".to_string(), "different figures".to_string())]
+        );
+        assert_eq!(report.unmatched_results, 1);
+        assert_eq!(outbox.len(), 1, "rejected item is gone, retried one kept");
+        assert!(outbox.next_batch(50).is_none(), "retry waits for its backoff");
+        assert_eq!(ids(&outbox.next_batch(100).unwrap()), ["b"]);
+    }
+
+    #[test]
+    fn items_missing_from_the_answer_are_retried() {
+        let mut outbox = Outbox::new(config());
+        outbox.push(item("a"), 0);
+        outbox.push(item("b"), 0);
+        let batch = outbox.next_batch(0).unwrap();
+        let report = outbox.on_batch_results(batch.id, &[ok("a")], 0);
+        assert_eq!((report.settled, report.retried), (1, 1));
+        assert_eq!(ids(&outbox.next_batch(100).unwrap()), ["b"]);
+    }
+
+    #[test]
+    fn full_outbox_drops_and_in_flight_items_count() {
+        let mut outbox = Outbox::new(config());
+        for id in ["a", "b", "c", "d"] {
+            assert_eq!(outbox.push(item(id), 0), PushResult::Queued);
+        }
+        assert_eq!(outbox.push(item("e"), 0), PushResult::Dropped);
+        let batch = outbox.next_batch(0).unwrap();
+        assert_eq!(outbox.len(), 4);
+        assert_eq!(outbox.push(item("e"), 0), PushResult::Dropped);
+        outbox.on_batch_results(batch.id, &[ok("a"), ok("b")], 0);
+        assert_eq!(outbox.push(item("e"), 0), PushResult::Queued);
+    }
+
+    #[test]
+    fn stale_and_unknown_batch_answers_are_ignored() {
+        let mut outbox = Outbox::new(config());
+        outbox.push(item("a"), 0);
+        let batch = outbox.next_batch(0).unwrap();
+        assert!(outbox.on_batch_results(batch.id + 1, &[ok("a")], 0).stale);
+        assert_eq!(outbox.on_batch_failed(batch.id + 1, 0), 0);
+        assert!(outbox.has_in_flight());
+        outbox.on_batch_results(batch.id, &[ok("a")], 0);
+        assert!(outbox.on_batch_results(batch.id, &[ok("a")], 0).stale);
+        assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn lost_callbacks_expire_the_batch() {
+        let mut outbox = Outbox::new(config());
+        outbox.push(item("a"), 0);
+        let batch = outbox.next_batch(0).unwrap();
+        assert_eq!(outbox.expire_in_flight(4999), 0);
+        assert_eq!(outbox.expire_in_flight(5000), 1);
+        assert!(!outbox.has_in_flight());
+        // A late answer to the expired batch changes nothing.
+        assert!(outbox.on_batch_results(batch.id, &[ok("a")], 5001).stale);
+        assert_eq!(outbox.len(), 1);
+        assert_eq!(ids(&outbox.next_batch(5100).unwrap()), ["a"]);
+    }
+
+    #[test]
+    fn not_yet_due_items_do_not_block_due_ones() {
+        let mut outbox = Outbox::new(config());
+        outbox.push(item("a"), 0);
+        let batch = outbox.next_batch(0).unwrap();
+        outbox.on_batch_failed(batch.id, 0); // "a" due at 100
+        outbox.push(item("b"), 10);
+        assert_eq!(ids(&outbox.next_batch(10).unwrap()), ["b"]);
+    }
+}
