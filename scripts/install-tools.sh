@@ -18,3 +18,10 @@ if ! command -v envoy >/dev/null 2>&1; then
         exit 1
     }
 fi
+
+# The wasmtime Python package runs the filter's core tests compiled to wasm32-wasip1.
+if ! python3 -c "import wasmtime" >/dev/null 2>&1; then
+    echo "installing wasmtime (pip) to run the filter's tests inside wasm"
+    if command -v pip3 >/dev/null 2>&1; then pip3 install --quiet wasmtime
+    else python3 -m pip install --quiet wasmtime; fi
+fi

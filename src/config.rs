@@ -95,11 +95,11 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.field.is_empty() {
-            write!(f, "invalid llm-meter configuration: {}", self.message)
+            write!(f, "invalid configuration: {}", self.message)
         } else {
             write!(
                 f,
-                "invalid llm-meter configuration: field `{}`: {}",
+                "invalid configuration: field `{}`: {}",
                 self.field, self.message
             )
         }
@@ -347,7 +347,11 @@ mod tests {
         assert_eq!(config.timeout_ms, 250);
         assert!(!config.inject_include_usage);
         assert_eq!(
-            (config.settle_batch_max, config.outbox_capacity, config.settle_tick_ms),
+            (
+                config.settle_batch_max,
+                config.outbox_capacity,
+                config.settle_tick_ms
+            ),
             (7, 3, 50)
         );
     }
@@ -414,8 +418,18 @@ mod tests {
 
     #[test]
     fn non_json_and_non_object_documents_are_rejected() {
-        for bytes in [&b""[..], b"not json", b"[]", b"42", b"{\"sidecar_cluster\":"] {
-            assert!(Config::parse(bytes).is_err(), "{:?}", String::from_utf8_lossy(bytes));
+        for bytes in [
+            &b""[..],
+            b"not json",
+            b"[]",
+            b"42",
+            b"{\"sidecar_cluster\":",
+        ] {
+            assert!(
+                Config::parse(bytes).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
         }
     }
 }

@@ -34,7 +34,9 @@ impl Rejection {
 
     /// The response body in `format`'s error shape.
     pub fn body(&self, format: ProviderFormat, request_id: &str) -> Vec<u8> {
-        error_value(format, self, request_id).to_string().into_bytes()
+        error_value(format, self, request_id)
+            .to_string()
+            .into_bytes()
     }
 
     /// Response headers to send with [`Rejection::body`].
@@ -115,7 +117,11 @@ mod tests {
 
     fn quota_exhausted() -> Rejection {
         let code = DenyCode::QuotaExhausted;
-        Rejection::new(code.http_status(), code.as_str(), "text_token quota exhausted")
+        Rejection::new(
+            code.http_status(),
+            code.as_str(),
+            "text_token quota exhausted",
+        )
     }
 
     fn body(format: ProviderFormat, rejection: &Rejection) -> Value {

@@ -28,9 +28,9 @@ pub fn read_authorize_reply(
     };
     let parsed = serde_json::from_slice::<AuthorizeResponse>(body);
     match parsed {
-        Ok(response) if response.request_id != request_id => AuthorizeOutcome::Unavailable(
-            format!("answer names request `{}`", response.request_id),
-        ),
+        Ok(response) if response.request_id != request_id => {
+            AuthorizeOutcome::Unavailable(format!("answer names request `{}`", response.request_id))
+        }
         Ok(response) if response.decision == Decision::Deny => {
             AuthorizeOutcome::Denied(match &response.denial {
                 Some(denial) => Rejection::new(
@@ -46,10 +46,9 @@ pub fn read_authorize_reply(
         Err(err) if (200..300).contains(&status) => {
             AuthorizeOutcome::Unavailable(format!("unreadable answer: {err}"))
         }
-        Err(_) => AuthorizeOutcome::Unavailable(format!(
-            "status {status}: {}",
-            problem_summary(body)
-        )),
+        Err(_) => {
+            AuthorizeOutcome::Unavailable(format!("status {status}: {}", problem_summary(body)))
+        }
     }
 }
 
@@ -75,7 +74,10 @@ pub enum Admission {
     /// Answer with the sidecar's denial.
     Deny(Rejection),
     /// Answer 503 (fail-closed).
-    FailClosed { reason: String, rejection: Rejection },
+    FailClosed {
+        reason: String,
+        rejection: Rejection,
+    },
 }
 
 pub fn admission(outcome: AuthorizeOutcome, mode: FailureMode) -> Admission {
@@ -165,8 +167,9 @@ pub fn finalize(
             now_ms,
         ))),
         Some(status) => {
-            let nothing_produced =
-                observed.usage.is_none() && observed.estimated_output_tokens == 0 && observed.images == 0;
+            let nothing_produced = observed.usage.is_none()
+                && observed.estimated_output_tokens == 0
+                && observed.images == 0;
             if let (Some(error), true) = (&observed.in_band_error, nothing_produced) {
                 return void(call, format!("in-band error: {error}"), status);
             }
@@ -187,7 +190,11 @@ pub fn finalize(
 }
 
 /// Usage to settle, and whether any figure in it is the filter's estimate.
-fn settled_usage(call: &CallRecord, observed: &ObservedResponse, outcome: Outcome) -> (Usage, bool) {
+fn settled_usage(
+    call: &CallRecord,
+    observed: &ObservedResponse,
+    outcome: Outcome,
+) -> (Usage, bool) {
     let mut estimated = false;
     let mut usage = match observed.usage {
         Some(usage) => usage,
@@ -382,9 +389,19 @@ mod tests {
 
     #[test]
     fn completed_call_settles_reported_usage() {
-        let settle = settled(finalize(&call(true), Some(200), true, &reported(12, 30), Ending::Complete, 77));
+        let settle = settled(finalize(
+            &call(true),
+            Some(200),
+            true,
+            &reported(12, 30),
+            Ending::Complete,
+            77,
+        ));
         assert_eq!(settle.outcome, Outcome::Completed);
-        assert_eq!((settle.usage.input_tokens, settle.usage.output_tokens), (12, 30));
+        assert_eq!(
+            (settle.usage.input_tokens, settle.usage.output_tokens),
+            (12, 30)
+        );
         assert!(!settle.estimated);
         assert!(settle.authorized);
         assert_eq!(settle.upstream_status, 200);
@@ -396,7 +413,14 @@ mod tests {
     fn settlement_names_the_resolved_user_instead_of_the_key() {
         let mut record = call(true);
         record.resolved_user = Some("alice".into());
-        let settle = settled(finalize(&record, Some(200), false, &reported(1, 2), Ending::Complete, 0));
+        let settle = settled(finalize(
+            &record,
+            Some(200),
+            false,
+            &reported(1, 2),
+            Ending::Complete,
+            0,
+        ));
         assert_eq!(settle.caller, Caller::UserId("alice".into()));
     }
 
@@ -407,16 +431,33 @@ mod tests {
             terminal_seen: true,
             ..ObservedResponse::default()
         };
-        let settle = settled(finalize(&call(true), Some(200), true, &observed, Ending::Complete, 0));
+        let settle = settled(finalize(
+            &call(true),
+            Some(200),
+            true,
+            &observed,
+            Ending::Complete,
+            0,
+        ));
         assert_eq!(settle.outcome, Outcome::Completed);
-        assert_eq!((settle.usage.input_tokens, settle.usage.output_tokens), (40, 25));
+        assert_eq!(
+            (settle.usage.input_tokens, settle.usage.output_tokens),
+            (40, 25)
+        );
         assert!(settle.estimated);
     }
 
     #[test]
     fn upstream_errors_void_the_hold() {
         for status in [400, 429, 500, 503, 302] {
-            match finalize(&call(true), Some(status), true, &reported(5, 5), Ending::Complete, 0) {
+            match finalize(
+                &call(true),
+                Some(status),
+                true,
+                &reported(5, 5),
+                Ending::Complete,
+                0,
+            ) {
                 Some(Finalize::Void(void)) => {
                     assert_eq!(void.upstream_status, status);
                     assert!(void.reason.contains(&status.to_string()));
@@ -429,14 +470,28 @@ mod tests {
     #[test]
     fn fail_open_calls_with_upstream_errors_need_nothing() {
         assert_eq!(
-            finalize(&call(false), Some(500), false, &ObservedResponse::default(), Ending::Complete, 0),
+            finalize(
+                &call(false),
+                Some(500),
+                false,
+                &ObservedResponse::default(),
+                Ending::Complete,
+                0
+            ),
             None
         );
     }
 
     #[test]
     fn fail_open_successes_settle_unauthorized() {
-        let settle = settled(finalize(&call(false), Some(200), false, &reported(3, 4), Ending::Complete, 0));
+        let settle = settled(finalize(
+            &call(false),
+            Some(200),
+            false,
+            &reported(3, 4),
+            Ending::Complete,
+            0,
+        ));
         assert!(!settle.authorized);
         assert_eq!(settle.outcome, Outcome::Completed);
     }
@@ -455,9 +510,19 @@ mod tests {
             terminal_seen: false,
             ..ObservedResponse::default()
         };
-        let settle = settled(finalize(&call(true), Some(200), true, &observed, Ending::Cut, 0));
+        let settle = settled(finalize(
+            &call(true),
+            Some(200),
+            true,
+            &observed,
+            Ending::Cut,
+            0,
+        ));
         assert_eq!(settle.outcome, Outcome::Partial);
-        assert_eq!((settle.usage.input_tokens, settle.usage.output_tokens), (35, 60));
+        assert_eq!(
+            (settle.usage.input_tokens, settle.usage.output_tokens),
+            (35, 60)
+        );
         assert!(settle.estimated);
     }
 
@@ -467,9 +532,19 @@ mod tests {
             estimated_output_tokens: 9,
             ..ObservedResponse::default()
         };
-        let settle = settled(finalize(&call(true), Some(200), true, &observed, Ending::Complete, 0));
+        let settle = settled(finalize(
+            &call(true),
+            Some(200),
+            true,
+            &observed,
+            Ending::Complete,
+            0,
+        ));
         assert_eq!(settle.outcome, Outcome::Partial);
-        assert_eq!((settle.usage.input_tokens, settle.usage.output_tokens), (40, 9));
+        assert_eq!(
+            (settle.usage.input_tokens, settle.usage.output_tokens),
+            (40, 9)
+        );
         assert!(settle.estimated);
     }
 
@@ -477,23 +552,47 @@ mod tests {
     fn non_streamed_body_needs_no_terminal_event() {
         let mut observed = reported(10, 20);
         observed.terminal_seen = false;
-        let settle = settled(finalize(&call(true), Some(200), false, &observed, Ending::Complete, 0));
+        let settle = settled(finalize(
+            &call(true),
+            Some(200),
+            false,
+            &observed,
+            Ending::Complete,
+            0,
+        ));
         assert_eq!(settle.outcome, Outcome::Completed);
         assert!(!settle.estimated);
     }
 
     #[test]
     fn client_gone_before_any_response_settles_the_prompt_estimate() {
-        let settle = settled(finalize(&call(true), None, true, &ObservedResponse::default(), Ending::Cut, 5));
+        let settle = settled(finalize(
+            &call(true),
+            None,
+            true,
+            &ObservedResponse::default(),
+            Ending::Cut,
+            5,
+        ));
         assert_eq!(settle.outcome, Outcome::Partial);
-        assert_eq!((settle.usage.input_tokens, settle.usage.output_tokens), (40, 0));
+        assert_eq!(
+            (settle.usage.input_tokens, settle.usage.output_tokens),
+            (40, 0)
+        );
         assert!(settle.estimated);
         assert_eq!(settle.upstream_status, 0);
     }
 
     #[test]
     fn reported_zero_input_is_replaced_by_the_estimate() {
-        let settle = settled(finalize(&call(true), Some(200), true, &reported(0, 8), Ending::Complete, 0));
+        let settle = settled(finalize(
+            &call(true),
+            Some(200),
+            true,
+            &reported(0, 8),
+            Ending::Complete,
+            0,
+        ));
         assert_eq!(settle.usage.input_tokens, 40);
         assert_eq!(settle.usage.output_tokens, 8);
         assert!(settle.estimated);
@@ -514,7 +613,14 @@ mod tests {
             estimated_output_tokens: 12,
             ..ObservedResponse::default()
         };
-        let settle = settled(finalize(&call(true), Some(200), true, &mid_stream, Ending::Complete, 0));
+        let settle = settled(finalize(
+            &call(true),
+            Some(200),
+            true,
+            &mid_stream,
+            Ending::Complete,
+            0,
+        ));
         assert_eq!(settle.outcome, Outcome::Partial);
         assert_eq!(settle.usage.output_tokens, 12);
     }
@@ -525,7 +631,14 @@ mod tests {
             images: 2,
             ..ObservedResponse::default()
         };
-        let settle = settled(finalize(&call(true), Some(200), false, &observed, Ending::Complete, 0));
+        let settle = settled(finalize(
+            &call(true),
+            Some(200),
+            false,
+            &observed,
+            Ending::Complete,
+            0,
+        ));
         assert_eq!(settle.usage.images, 2);
         assert_eq!(settle.outcome, Outcome::Completed);
     }

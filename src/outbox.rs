@@ -289,7 +289,10 @@ mod tests {
         }
         let first = outbox.next_batch(0).unwrap();
         assert_eq!(ids(&first), ["a", "b"]);
-        assert!(outbox.next_batch(0).is_none(), "one batch in flight at a time");
+        assert!(
+            outbox.next_batch(0).is_none(),
+            "one batch in flight at a time"
+        );
         let report = outbox.on_batch_results(first.id, &[ok("a"), ok("b")], 1);
         assert_eq!(report.settled, 2);
         let second = outbox.next_batch(1).unwrap();
@@ -352,7 +355,10 @@ mod tests {
         );
         assert_eq!(report.unmatched_results, 1);
         assert_eq!(outbox.len(), 1, "rejected item is gone, retried one kept");
-        assert!(outbox.next_batch(50).is_none(), "retry waits for its backoff");
+        assert!(
+            outbox.next_batch(50).is_none(),
+            "retry waits for its backoff"
+        );
         assert_eq!(ids(&outbox.next_batch(100).unwrap()), ["b"]);
     }
 

@@ -44,12 +44,17 @@ pub struct ParsedRequest {
 /// `TooLarge` (413).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestError {
-    TooLarge { limit: usize },
+    TooLarge {
+        limit: usize,
+    },
     EmptyBody,
     InvalidJson(String),
     NotAnObject,
     MissingModel,
-    InvalidField { field: &'static str, expected: &'static str },
+    InvalidField {
+        field: &'static str,
+        expected: &'static str,
+    },
 }
 
 impl RequestError {
@@ -76,7 +81,9 @@ impl fmt::Display for RequestError {
                 f,
                 "request body exceeds the metering limit of {limit} bytes"
             ),
-            RequestError::EmptyBody => write!(f, "request body is empty; a JSON object is required"),
+            RequestError::EmptyBody => {
+                write!(f, "request body is empty; a JSON object is required")
+            }
             RequestError::InvalidJson(err) => write!(f, "request body is not valid JSON: {err}"),
             RequestError::NotAnObject => write!(f, "request body must be a JSON object"),
             RequestError::MissingModel => {
@@ -105,7 +112,10 @@ pub fn identify_caller(user_id: Option<&str>, api_key: Option<&str>) -> Option<C
 }
 
 /// Reject early, from `content-length`, a body that cannot fit the limit.
-pub fn check_declared_length(content_length: Option<&str>, limit: usize) -> Result<(), RequestError> {
+pub fn check_declared_length(
+    content_length: Option<&str>,
+    limit: usize,
+) -> Result<(), RequestError> {
     match content_length.and_then(|v| v.trim().parse::<u64>().ok()) {
         Some(length) if length > limit as u64 => Err(RequestError::TooLarge { limit }),
         _ => Ok(()),
@@ -216,8 +226,8 @@ fn read_gemini(body: &Map<String, Value>, path: &str) -> Result<MeteredRequest, 
             .or_else(|| body.get("system_instruction")),
     );
     tally.add_json(body.get("tools"));
-    let generation = object_field(body, "generationConfig")?
-        .or(object_field(body, "generation_config")?);
+    let generation =
+        object_field(body, "generationConfig")?.or(object_field(body, "generation_config")?);
     let max_output_tokens = match generation {
         Some(config) => match uint_field(config, "maxOutputTokens")? {
             Some(cap) => Some(cap),
@@ -260,7 +270,10 @@ fn read_dashscope(
     let (max_output_tokens, n) = match object_field(body, "parameters")? {
         Some(parameters) => {
             tally.add_json(parameters.get("tools"));
-            (uint_field(parameters, "max_tokens")?, uint_field(parameters, "n")?)
+            (
+                uint_field(parameters, "max_tokens")?,
+                uint_field(parameters, "n")?,
+            )
         }
         None => (None, None),
     };
@@ -291,7 +304,10 @@ fn body_model(body: &Map<String, Value>) -> Result<String, RequestError> {
     }
 }
 
-fn bool_field(body: &Map<String, Value>, field: &'static str) -> Result<Option<bool>, RequestError> {
+fn bool_field(
+    body: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<bool>, RequestError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -346,7 +362,10 @@ fn stream_usage_requested(body: &Map<String, Value>) -> Result<bool, RequestErro
 /// The body with `stream_options.include_usage = true`. Without `stream_options` the member
 /// is inserted textually so the rest of the body is forwarded byte for byte; otherwise the
 /// object is re-serialised with the option set.
-fn with_include_usage(original: &[u8], mut body: Map<String, Value>) -> Result<Vec<u8>, RequestError> {
+fn with_include_usage(
+    original: &[u8],
+    mut body: Map<String, Value>,
+) -> Result<Vec<u8>, RequestError> {
     let has_options = matches!(body.get("stream_options"), Some(Value::Object(_)));
     if !has_options {
         if let Some(open) = original.iter().position(|b| *b == b'{') {
@@ -465,11 +484,17 @@ mod tests {
             identify_caller(Some(""), Some("bearer   sk-2")),
             Some(Caller::ApiKey("sk-2".into()))
         );
-        assert_eq!(identify_caller(None, Some("sk-3")), Some(Caller::ApiKey("sk-3".into())));
+        assert_eq!(
+            identify_caller(None, Some("sk-3")),
+            Some(Caller::ApiKey("sk-3".into()))
+        );
         assert_eq!(identify_caller(Some("  "), Some("Bearer ")), None);
         assert_eq!(identify_caller(None, None), None);
         // Multi-byte text right at the prefix boundary must not panic.
-        assert_eq!(identify_caller(None, Some("Bearé")), Some(Caller::ApiKey("Bearé".into())));
+        assert_eq!(
+            identify_caller(None, Some("Bearé")),
+            Some(Caller::ApiKey("Bearé".into()))
+        );
     }
 
     #[test]
@@ -527,9 +552,13 @@ mod tests {
     #[test]
     fn streaming_chat_gets_include_usage_injected_byte_preserving() {
         let body = br#"  {"model":"qwen-plus","stream":true,"messages":[{"role":"user","content":"hi"}],"temperature":0.70}"#;
-        let parsed =
-            parse_request(ProviderFormat::OpenAiChat, &hints("/x/chat/completions"), body, true)
-                .unwrap();
+        let parsed = parse_request(
+            ProviderFormat::OpenAiChat,
+            &hints("/x/chat/completions"),
+            body,
+            true,
+        )
+        .unwrap();
         assert!(parsed.request.stream && parsed.request.usage_injected);
         assert!(!parsed.request.client_asked_usage);
         let rewritten = String::from_utf8(parsed.rewritten_body.unwrap()).unwrap();
@@ -587,7 +616,10 @@ mod tests {
         let request = parsed.request;
         assert_eq!(request.max_output_tokens, Some(300));
         assert!(request.stream);
-        assert!(parsed.rewritten_body.is_none(), "only chat completions are rewritten");
+        assert!(
+            parsed.rewritten_body.is_none(),
+            "only chat completions are rewritten"
+        );
         let mut tally = TextTally::default();
         for text in ["Answer in French.", "Hello there", "42"] {
             tally.add(text);
@@ -601,12 +633,12 @@ mod tests {
             ProviderFormat::Anthropic,
             "/v1/messages",
             json!({"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": true,
-                   "system": [{"type": "text", "text": "You are terse."}],
-                   "messages": [
-                       {"role": "user", "content": "Weather?"},
-                       {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "w", "input": {"city": "Paris"}}]},
-                       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "Sunny"}]}
-                   ]}),
+            "system": [{"type": "text", "text": "You are terse."}],
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "w", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "Sunny"}]}
+            ]}),
         );
         let request = parsed.request;
         assert_eq!(request.model, "claude-sonnet-4-5");
@@ -670,12 +702,24 @@ mod tests {
         assert_eq!(plain.max_output_tokens, Some(500));
         assert_eq!(plain.estimated_input_tokens, estimate_tokens("你好"));
         for hints in [
-            RequestHints { path, dashscope_sse: true, accepts_event_stream: false },
-            RequestHints { path, dashscope_sse: false, accepts_event_stream: true },
+            RequestHints {
+                path,
+                dashscope_sse: true,
+                accepts_event_stream: false,
+            },
+            RequestHints {
+                path,
+                dashscope_sse: false,
+                accepts_event_stream: true,
+            },
         ] {
-            let request =
-                parse_request(ProviderFormat::DashScopeNative, &hints, body.to_string().as_bytes(), true)
-                    .unwrap();
+            let request = parse_request(
+                ProviderFormat::DashScopeNative,
+                &hints,
+                body.to_string().as_bytes(),
+                true,
+            )
+            .unwrap();
             assert!(request.request.stream);
             assert!(request.rewritten_body.is_none());
         }
@@ -689,7 +733,10 @@ mod tests {
             json!({"input": {"prompt": "hello"}, "parameters": {}}),
         );
         assert_eq!(parsed.request.model, "app:abc123");
-        assert_eq!(parsed.request.estimated_input_tokens, estimate_tokens("hello"));
+        assert_eq!(
+            parsed.request.estimated_input_tokens,
+            estimate_tokens("hello")
+        );
     }
 
     #[test]
@@ -732,13 +779,22 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_clear_errors() {
-        assert_eq!(parse_err(ProviderFormat::OpenAiChat, b""), RequestError::EmptyBody);
-        assert_eq!(parse_err(ProviderFormat::OpenAiChat, b" \n"), RequestError::EmptyBody);
+        assert_eq!(
+            parse_err(ProviderFormat::OpenAiChat, b""),
+            RequestError::EmptyBody
+        );
+        assert_eq!(
+            parse_err(ProviderFormat::OpenAiChat, b" \n"),
+            RequestError::EmptyBody
+        );
         assert!(matches!(
             parse_err(ProviderFormat::OpenAiChat, b"{\"model\":"),
             RequestError::InvalidJson(_)
         ));
-        assert_eq!(parse_err(ProviderFormat::OpenAiChat, b"[1]"), RequestError::NotAnObject);
+        assert_eq!(
+            parse_err(ProviderFormat::OpenAiChat, b"[1]"),
+            RequestError::NotAnObject
+        );
         assert_eq!(
             parse_err(ProviderFormat::OpenAiChat, br#"{"messages":[]}"#),
             RequestError::MissingModel
@@ -752,7 +808,10 @@ mod tests {
             (br#"{"model":"m","max_tokens":-5}"#, "max_tokens"),
             (br#"{"model":"m","max_tokens":1.5}"#, "max_tokens"),
             (br#"{"model":"m","max_tokens":"10"}"#, "max_tokens"),
-            (br#"{"model":"m","stream":true,"stream_options":"x"}"#, "stream_options"),
+            (
+                br#"{"model":"m","stream":true,"stream_options":"x"}"#,
+                "stream_options",
+            ),
         ];
         for (body, field) in cases {
             match parse_err(ProviderFormat::OpenAiChat, body) {

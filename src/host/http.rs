@@ -250,7 +250,7 @@ impl MeterHttp {
                         if ending == Ending::Complete {
                             meter.finish();
                         }
-                        observed(meter)
+                        observed(meter, &call.record.request_id)
                     }
                     None => ObservedResponse::default(),
                 };
@@ -284,8 +284,16 @@ impl MeterHttp {
     }
 }
 
-fn observed(meter: &ResponseMeter) -> ObservedResponse {
+fn observed(meter: &ResponseMeter, request_id: &str) -> ObservedResponse {
     let report = meter.report();
+    if report.oversized_events > 0 || report.body_too_large {
+        log::warn!(
+            "llm-meter: {request_id}: response exceeded the meter's limits \
+             ({} oversized events, body too large: {}); usage may be estimated",
+            report.oversized_events,
+            report.body_too_large
+        );
+    }
     ObservedResponse {
         usage: report.usage,
         estimated_output_tokens: report.estimated_output_tokens,
@@ -320,14 +328,17 @@ impl Context for MeterHttp {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let Phase::Authorizing(pending, request) = std::mem::replace(&mut self.phase, Phase::Closed)
+        let Phase::Authorizing(pending, request) =
+            std::mem::replace(&mut self.phase, Phase::Closed)
         else {
             return;
         };
         let status = self
             .get_http_call_response_header(":status")
             .and_then(|s| s.parse::<u16>().ok());
-        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
         let outcome = lifecycle::read_authorize_reply(status, &body, &pending.request_id);
         let admission = lifecycle::admission(outcome, shared.config.failure_mode);
         self.admit(&shared, pending, request, admission, true);
@@ -377,8 +388,10 @@ impl HttpContext for MeterHttp {
             caller,
         };
         let content_length = self.get_http_request_header("content-length");
-        let declared =
-            request::check_declared_length(content_length.as_deref(), config.max_request_body_bytes);
+        let declared = request::check_declared_length(
+            content_length.as_deref(),
+            config.max_request_body_bytes,
+        );
         if let Err(error) = declared {
             self.reject_request(&shared, &pending, &error);
             return Action::Pause;

@@ -5,6 +5,11 @@
 //!   would be lost with it).
 //! - `http`: one per request; admission, response metering, and exactly one settlement.
 //! - `metrics`: Envoy counters.
+//!
+//! Envoy requirement: the Wasm `PluginConfig` must set `allow_on_headers_stop_iteration: true`
+//! (Envoy >= 1.35). Without it Envoy turns the pause in `on_http_request_headers` into
+//! `StopAllIteration`, never hands the body to the filter, and metered requests hang until
+//! the stream times out.
 
 mod http;
 mod metrics;

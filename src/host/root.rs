@@ -108,7 +108,12 @@ impl MeterRoot {
             vec![],
             Duration::from_millis(config.timeout_ms),
         )
-        .map_err(|status| format!("dispatch to cluster `{}` failed: {status:?}", config.sidecar_cluster))
+        .map_err(|status| {
+            format!(
+                "dispatch to cluster `{}` failed: {status:?}",
+                config.sidecar_cluster
+            )
+        })
     }
 
     fn batch_failed(&mut self, shared: &Shared, batch_id: u64) {
@@ -124,7 +129,9 @@ impl MeterRoot {
         let status = self
             .get_http_call_response_header(":status")
             .and_then(|s| s.parse::<u16>().ok());
-        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
         let parsed = match status {
             Some(200) => serde_json::from_slice::<FinalizeBatchResponse>(&body)
                 .map_err(|e| format!("unreadable answer: {e}")),
@@ -151,7 +158,9 @@ impl MeterRoot {
         let metrics = &shared.metrics;
         metrics.settled.add(report.settled);
         metrics.settlement_retries.add(report.retried);
-        metrics.settlement_rejected.add(report.rejected.len() as u64);
+        metrics
+            .settlement_rejected
+            .add(report.rejected.len() as u64);
         for (request_id, error) in &report.rejected {
             log::error!("llm-meter: sidecar rejected the settlement of {request_id}: {error}");
         }
@@ -197,7 +206,11 @@ impl Context for MeterRoot {
         }
         if self.draining {
             let empty = shared.outbox.borrow().is_empty();
-            let due = shared.outbox.borrow().next_due_ms().is_some_and(|d| d <= self.now_ms());
+            let due = shared
+                .outbox
+                .borrow()
+                .next_due_ms()
+                .is_some_and(|d| d <= self.now_ms());
             if empty || !due {
                 self.finish_draining(&shared);
                 return;
@@ -252,7 +265,8 @@ impl RootContext for MeterRoot {
         };
         self.set_tick_period(Duration::from_millis(config.settle_tick_ms));
         log::info!(
-            "llm-meter: configured (root {}, sidecar cluster `{}`, provider `{}`, {:?})",
+            "llm-meter: configured (root {}, sidecar cluster `{}`, provider `{}`, {:?}); \
+             Envoy must set allow_on_headers_stop_iteration: true for this plugin",
             self.context_id,
             config.sidecar_cluster,
             config.provider,

@@ -312,6 +312,7 @@ fn envoy_config(
 static_resources:
   listeners:
   - name: llm_ingress
+    per_connection_buffer_limit_bytes: 4194304
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
     filter_chains:
     - filters:
@@ -334,6 +335,7 @@ static_resources:
               config:
                 name: llm_meter
                 root_id: llm_meter
+                allow_on_headers_stop_iteration: true
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
                   value: '{filter_json}'
