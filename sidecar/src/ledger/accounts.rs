@@ -1,0 +1,463 @@
+//! Building blocks shared by the ledger operations, all run inside one write transaction:
+//! locking an account row, expiring/activating due lots, burning lots, repaying debt and
+//! appending journal rows.
+//!
+//! Lock order in every transaction: the request's own row (hold, new lot or reset run)
+//! first, then the account row, then that account's lots. The account row is the mutex of
+//! one user's quota type, so two transactions never wait on each other in opposite order.
+
+use sqlx::{AnyConnection, Row};
+
+use super::LedgerError;
+use crate::storage::{Db, Dialect};
+
+/// An account row, locked for the rest of the transaction; changed in memory and written
+/// back once by [`save_account`].
+#[derive(Debug, Clone)]
+pub(super) struct Account {
+    pub user_id: String,
+    pub quota_type: String,
+    pub balance: i64,
+    pub held: i64,
+    pub debt: i64,
+    pub next_event_at: Option<i64>,
+}
+
+impl Account {
+    pub fn available(&self) -> i64 {
+        (self.balance - self.held).max(0)
+    }
+
+    pub fn is_due(&self, now: i64) -> bool {
+        self.next_event_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// One journal row. Deltas are the change this entry makes to the lot's `remaining`, the
+/// account's `balance`, `held` and `debt`.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Entry {
+    pub kind: &'static str,
+    pub lot_id: Option<i64>,
+    pub request_id: Option<String>,
+    pub lot_delta: i64,
+    pub balance_delta: i64,
+    pub held_delta: i64,
+    pub debt_delta: i64,
+    pub memo: Option<String>,
+}
+
+/// Journal rows of one transaction, written together by [`write_journal`].
+#[derive(Debug, Default)]
+pub(super) struct Journal {
+    rows: Vec<(String, String, Entry)>,
+}
+
+impl Journal {
+    pub fn push(&mut self, account: &Account, entry: Entry) {
+        self.rows
+            .push((account.user_id.clone(), account.quota_type.clone(), entry));
+    }
+
+    pub fn push_raw(&mut self, user_id: &str, quota_type: &str, entry: Entry) {
+        self.rows
+            .push((user_id.to_string(), quota_type.to_string(), entry));
+    }
+}
+
+/// Locks the account row (creating an empty one when missing and `create`).
+pub(super) async fn lock_account(
+    db: &Db,
+    conn: &mut AnyConnection,
+    user_id: &str,
+    quota_type: &str,
+    create: bool,
+    now: i64,
+) -> Result<Option<Account>, LedgerError> {
+    if let Some(account) = select_account(db, conn, user_id, quota_type).await? {
+        return Ok(Some(account));
+    }
+    if !create {
+        return Ok(None);
+    }
+    let insert = db.dialect().insert_ignore(
+        "INSERT INTO ledger_accounts (user_id, quota_type, balance, held, debt, \
+         next_event_at, created_at, updated_at) VALUES (?, ?, 0, 0, 0, NULL, ?, ?)",
+        "user_id",
+    );
+    sqlx::query(&db.sql(&insert))
+        .bind(user_id)
+        .bind(quota_type)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    select_account(db, conn, user_id, quota_type).await
+}
+
+async fn select_account(
+    db: &Db,
+    conn: &mut AnyConnection,
+    user_id: &str,
+    quota_type: &str,
+) -> Result<Option<Account>, LedgerError> {
+    let sql = format!(
+        "SELECT balance, held, debt, next_event_at FROM ledger_accounts \
+         WHERE user_id = ? AND quota_type = ?{}",
+        db.dialect().for_update()
+    );
+    let row = sqlx::query(&db.sql(&sql))
+        .bind(user_id)
+        .bind(quota_type)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    Ok(Some(Account {
+        user_id: user_id.to_string(),
+        quota_type: quota_type.to_string(),
+        balance: row.try_get(0)?,
+        held: row.try_get(1)?,
+        debt: row.try_get(2)?,
+        next_event_at: row.try_get(3)?,
+    }))
+}
+
+pub(super) async fn save_account(
+    db: &Db,
+    conn: &mut AnyConnection,
+    account: &Account,
+    now: i64,
+) -> Result<(), LedgerError> {
+    let sql = db.sql(
+        "UPDATE ledger_accounts SET balance = ?, held = ?, debt = ?, next_event_at = ?, \
+         updated_at = ? WHERE user_id = ? AND quota_type = ?",
+    );
+    sqlx::query(&sql)
+        .bind(account.balance)
+        .bind(account.held)
+        .bind(account.debt)
+        .bind(account.next_event_at)
+        .bind(now)
+        .bind(&account.user_id)
+        .bind(&account.quota_type)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Burn order: priority (lower first), soonest expiry (never-expiring last), oldest.
+const BURN_ORDER: &str =
+    "priority, CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, created_at, id";
+
+struct LotRow {
+    id: i64,
+    status: String,
+    remaining: i64,
+    effective_from: i64,
+    expires_at: Option<i64>,
+}
+
+async fn open_lots(
+    db: &Db,
+    conn: &mut AnyConnection,
+    account: &Account,
+    only_active_with_remaining: bool,
+) -> Result<Vec<LotRow>, LedgerError> {
+    let filter = if only_active_with_remaining {
+        "status = 'active' AND remaining > 0"
+    } else {
+        "status IN ('pending', 'active')"
+    };
+    let sql = format!(
+        "SELECT id, status, remaining, effective_from, expires_at FROM quota_lots \
+         WHERE user_id = ? AND quota_type = ? AND {filter} ORDER BY {BURN_ORDER}{}",
+        db.dialect().for_update()
+    );
+    let rows = sqlx::query(&db.sql(&sql))
+        .bind(&account.user_id)
+        .bind(&account.quota_type)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(LotRow {
+                id: r.try_get(0)?,
+                status: r.try_get(1)?,
+                remaining: r.try_get(2)?,
+                effective_from: r.try_get(3)?,
+                expires_at: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
+/// Expires lots past their expiry and activates pending lots now effective (paying debt
+/// from them first), then recomputes `next_event_at`. Returns (units expired, lots expired).
+pub(super) async fn refresh_lots(
+    db: &Db,
+    conn: &mut AnyConnection,
+    account: &mut Account,
+    journal: &mut Journal,
+    now: i64,
+) -> Result<(i64, u64), LedgerError> {
+    let lots = open_lots(db, conn, account, false).await?;
+    let mut expired_units = 0;
+    let mut expired_lots = 0;
+    let mut next_event: Option<i64> = None;
+    for lot in lots {
+        if lot.expires_at.is_some_and(|e| e <= now) {
+            expired_units += lot.remaining;
+            expired_lots += 1;
+            expire_lot(
+                db,
+                conn,
+                account,
+                journal,
+                lot.id,
+                &lot.status,
+                lot.remaining,
+                "expire",
+                now,
+            )
+            .await?;
+            continue;
+        }
+        let mut remaining = lot.remaining;
+        if lot.status == "pending" {
+            if lot.effective_from > now {
+                next_event = min_opt(next_event, Some(lot.effective_from));
+                continue;
+            }
+            activate_lot(db, conn, account, journal, lot.id, remaining, now).await?;
+            remaining -= repay_debt(db, conn, account, journal, lot.id, remaining, now).await?;
+        }
+        if remaining > 0 {
+            next_event = min_opt(next_event, lot.expires_at);
+        }
+    }
+    account.next_event_at = next_event;
+    Ok((expired_units, expired_lots))
+}
+
+fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// Earliest of the account's next event and `at`.
+pub(super) fn schedule_event(account: &mut Account, at: Option<i64>) {
+    account.next_event_at = min_opt(account.next_event_at, at);
+}
+
+/// Marks a lot expired; an active lot's remainder leaves the balance.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn expire_lot(
+    db: &Db,
+    conn: &mut AnyConnection,
+    account: &mut Account,
+    journal: &mut Journal,
+    lot_id: i64,
+    status: &str,
+    remaining: i64,
+    kind: &'static str,
+    now: i64,
+) -> Result<(), LedgerError> {
+    let sql = db.sql(
+        "UPDATE quota_lots SET status = 'expired', expired = expired + remaining, \
+         remaining = 0, updated_at = ? WHERE id = ?",
+    );
+    sqlx::query(&sql)
+        .bind(now)
+        .bind(lot_id)
+        .execute(&mut *conn)
+        .await?;
+    let balance_delta = if status == "active" { -remaining } else { 0 };
+    account.balance += balance_delta;
+    journal.push(
+        account,
+        Entry {
+            kind,
+            lot_id: Some(lot_id),
+            lot_delta: -remaining,
+            balance_delta,
+            ..Entry::default()
+        },
+    );
+    Ok(())
+}
+
+async fn activate_lot(
+    db: &Db,
+    conn: &mut AnyConnection,
+    account: &mut Account,
+    journal: &mut Journal,
+    lot_id: i64,
+    remaining: i64,
+    now: i64,
+) -> Result<(), LedgerError> {
+    let sql = db.sql("UPDATE quota_lots SET status = 'active', updated_at = ? WHERE id = ?");
+    sqlx::query(&sql)
+        .bind(now)
+        .bind(lot_id)
+        .execute(&mut *conn)
+        .await?;
+    account.balance += remaining;
+    journal.push(
+        account,
+        Entry {
+            kind: "activate",
+            lot_id: Some(lot_id),
+            balance_delta: remaining,
+            ..Entry::default()
+        },
+    );
+    Ok(())
+}
+
+/// Pays the account's debt from a newly active lot; returns the units repaid.
+pub(super) async fn repay_debt(
+    db: &Db,
+    conn: &mut AnyConnection,
+    account: &mut Account,
+    journal: &mut Journal,
+    lot_id: i64,
+    lot_remaining: i64,
+    now: i64,
+) -> Result<i64, LedgerError> {
+    let repay = account.debt.min(lot_remaining);
+    if repay <= 0 {
+        return Ok(0);
+    }
+    take_from_lot(db, conn, lot_id, repay, now).await?;
+    account.balance -= repay;
+    account.debt -= repay;
+    journal.push(
+        account,
+        Entry {
+            kind: "repay",
+            lot_id: Some(lot_id),
+            lot_delta: -repay,
+            balance_delta: -repay,
+            debt_delta: -repay,
+            ..Entry::default()
+        },
+    );
+    Ok(repay)
+}
+
+async fn take_from_lot(
+    db: &Db,
+    conn: &mut AnyConnection,
+    lot_id: i64,
+    units: i64,
+    now: i64,
+) -> Result<(), LedgerError> {
+    let sql = db.sql(
+        "UPDATE quota_lots SET remaining = remaining - ?, used = used + ?, updated_at = ? \
+         WHERE id = ? AND remaining >= ?",
+    );
+    let done = sqlx::query(&sql)
+        .bind(units)
+        .bind(units)
+        .bind(now)
+        .bind(lot_id)
+        .bind(units)
+        .execute(&mut *conn)
+        .await?;
+    if done.rows_affected() != 1 {
+        return Err(LedgerError::Inconsistent(format!(
+            "lot {lot_id} does not hold {units} units"
+        )));
+    }
+    Ok(())
+}
+
+/// Burns `units` from the account's active lots in burn order (one `settle` row per lot).
+pub(super) async fn burn(
+    db: &Db,
+    conn: &mut AnyConnection,
+    account: &mut Account,
+    journal: &mut Journal,
+    units: i64,
+    request_id: &str,
+    now: i64,
+) -> Result<(), LedgerError> {
+    if units <= 0 {
+        return Ok(());
+    }
+    let mut left = units;
+    for lot in open_lots(db, conn, account, true).await? {
+        let take = left.min(lot.remaining);
+        take_from_lot(db, conn, lot.id, take, now).await?;
+        account.balance -= take;
+        journal.push(
+            account,
+            Entry {
+                kind: "settle",
+                lot_id: Some(lot.id),
+                request_id: Some(request_id.to_string()),
+                lot_delta: -take,
+                balance_delta: -take,
+                ..Entry::default()
+            },
+        );
+        left -= take;
+        if left == 0 {
+            return Ok(());
+        }
+    }
+    Err(LedgerError::Inconsistent(format!(
+        "account {}/{} balance {} is not covered by its lots ({left} units missing)",
+        account.user_id, account.quota_type, account.balance
+    )))
+}
+
+/// Appends the transaction's journal rows in one statement.
+pub(super) async fn write_journal(
+    db: &Db,
+    conn: &mut AnyConnection,
+    journal: Journal,
+    now: i64,
+) -> Result<(), LedgerError> {
+    if journal.rows.is_empty() {
+        return Ok(());
+    }
+    let mut sql = String::from(
+        "INSERT INTO ledger_journal (user_id, quota_type, kind, lot_id, request_id, lot_delta, \
+         balance_delta, held_delta, debt_delta, memo, created_at) VALUES ",
+    );
+    for i in 0..journal.rows.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+    }
+    let sql = db.sql(&sql);
+    let mut query = sqlx::query(&sql);
+    for (user_id, quota_type, e) in journal.rows {
+        query = query
+            .bind(user_id)
+            .bind(quota_type)
+            .bind(e.kind)
+            .bind(e.lot_id)
+            .bind(e.request_id)
+            .bind(e.lot_delta)
+            .bind(e.balance_delta)
+            .bind(e.held_delta)
+            .bind(e.debt_delta)
+            .bind(e.memo)
+            .bind(now);
+    }
+    query.execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Dialect-aware `SUM` (re-exported for sibling modules).
+pub(super) fn sum(dialect: Dialect, expr: &str) -> String {
+    dialect.sum_i64(expr)
+}

@@ -1,0 +1,412 @@
+//! Admission: resolve the caller and model, size the hold, reserve it.
+
+use llm_meter_protocol::{
+    AuthorizeRequest, AuthorizeResponse, Caller, Decision, Denial, DenyCode, Usage,
+};
+use sqlx::Row;
+
+use super::accounts::{lock_account, refresh_lots, save_account, write_journal, Entry, Journal};
+use super::{check_key, Ledger, LedgerError, UnpricedPolicy};
+use crate::pricing::{Measure, ModelPricing};
+use crate::storage::is_unique_violation;
+
+/// Larger counts in one call are rejected as `invalid_request` (no real call is that big,
+/// and it keeps every sum far from integer overflow).
+pub const MAX_UNITS_PER_CALL: u64 = 1_000_000_000_000;
+
+/// What admission decided before touching the account.
+pub(super) struct Admission {
+    pub user_id: String,
+    pub model: ModelPricing,
+    pub hold: u64,
+}
+
+impl Ledger {
+    /// Reserves the call's estimated units, or denies it. Idempotent by `request_id`.
+    pub async fn authorize(
+        &self,
+        req: &AuthorizeRequest,
+    ) -> Result<AuthorizeResponse, LedgerError> {
+        match self.admit(req, None).await? {
+            Ok(admission) => self.reserve(req, &admission).await,
+            Err(denied) => Ok(denied),
+        }
+    }
+
+    /// Resolves caller and model and sizes the hold; `Err` is a ready denial.
+    pub(super) async fn admit(
+        &self,
+        req: &AuthorizeRequest,
+        hold_override: Option<u64>,
+    ) -> Result<Result<Admission, AuthorizeResponse>, LedgerError> {
+        if let Err(e) = validate(req) {
+            return Ok(Err(denial(req, None, None, DenyCode::InvalidRequest, e)));
+        }
+        let now = self.now();
+        let mut conn = self.db().pool().acquire().await?;
+        let user_id = match &req.caller {
+            Caller::UserId(user) => user.clone(),
+            Caller::ApiKey(key) => match self.resolve_api_key_on(&mut conn, key).await? {
+                Some(user) => user,
+                None => {
+                    let message = "unknown, revoked or expired API key".to_string();
+                    return Ok(Err(denial(
+                        req,
+                        None,
+                        None,
+                        DenyCode::InvalidApiKey,
+                        message,
+                    )));
+                }
+            },
+        };
+        let model = self
+            .prices()
+            .resolve(&mut conn, &req.provider, &req.model, now)
+            .await?;
+        drop(conn);
+        let quota_type = Some(model.quota_type.clone());
+        if !model.enabled {
+            let message = format!("model {}/{} is disabled", req.provider, req.model);
+            return Ok(Err(denial(
+                req,
+                Some(user_id),
+                quota_type,
+                DenyCode::ModelDisabled,
+                message,
+            )));
+        }
+        if model.price.is_none() {
+            if self.config().unpriced_policy == UnpricedPolicy::Deny {
+                let message = format!("model {}/{} has no price in force", req.provider, req.model);
+                return Ok(Err(denial(
+                    req,
+                    Some(user_id),
+                    quota_type,
+                    DenyCode::ModelUnpriced,
+                    message,
+                )));
+            }
+            tracing::warn!(
+                provider = %req.provider, model = %req.model, known = model.known,
+                request_id = %req.request_id,
+                "model has no price in force: the call is metered but not billed"
+            );
+        }
+        let hold = match hold_override {
+            Some(h) => h.max(1),
+            None => match self.hold_amount(req, &model) {
+                Ok(h) => h,
+                Err(message) => {
+                    return Ok(Err(denial(
+                        req,
+                        Some(user_id),
+                        quota_type,
+                        DenyCode::InvalidRequest,
+                        message,
+                    )))
+                }
+            },
+        };
+        Ok(Ok(Admission {
+            user_id,
+            model,
+            hold,
+        }))
+    }
+
+    /// Units to hold: text = estimated input + output cap (the request's, or the configured
+    /// default); images = requested images (default 1); money = the estimate's cost. At least 1.
+    fn hold_amount(&self, req: &AuthorizeRequest, model: &ModelPricing) -> Result<u64, String> {
+        let output_cap = req
+            .max_output_tokens
+            .unwrap_or(self.config().default_max_output_tokens);
+        let input = req.estimated_input_tokens;
+        let hold = match model.measure {
+            Measure::TotalTokens => input.saturating_add(output_cap),
+            Measure::InputTokens => input,
+            Measure::OutputTokens => output_cap,
+            Measure::Images => req.requested_images.unwrap_or(1),
+            Measure::Requests => 1,
+            Measure::CostMicros => {
+                let estimate = Usage {
+                    input_tokens: input,
+                    output_tokens: output_cap,
+                    images: req.requested_images.unwrap_or(0),
+                    ..Usage::default()
+                };
+                match &model.price {
+                    Some(price) => price
+                        .cost(&estimate)
+                        .map_err(|e| format!("cannot price the estimate: {e}"))?
+                        .micros
+                        .max(0) as u64,
+                    None => 0,
+                }
+            }
+        };
+        if hold > MAX_UNITS_PER_CALL {
+            return Err(format!(
+                "the call would hold {hold} units, above the limit of {MAX_UNITS_PER_CALL}"
+            ));
+        }
+        Ok(hold.max(1))
+    }
+
+    pub(super) async fn reserve(
+        &self,
+        req: &AuthorizeRequest,
+        admission: &Admission,
+    ) -> Result<AuthorizeResponse, LedgerError> {
+        self.retrying(|| self.reserve_once(req, admission)).await
+    }
+
+    async fn reserve_once(
+        &self,
+        req: &AuthorizeRequest,
+        admission: &Admission,
+    ) -> Result<AuthorizeResponse, LedgerError> {
+        let db = self.db();
+        let now = self.now();
+        let user_id = admission.user_id.as_str();
+        let quota_type = admission.model.quota_type.as_str();
+        let hold = admission.hold as i64;
+        let price_version = admission.model.price.as_ref().map(|p| p.id);
+        let mut tx = db.begin_write().await?;
+
+        // The hold row first: it is the idempotency key and serialises retries of one call.
+        let sql = db.sql(
+            "INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, amount, \
+             price_version_id, priced, status, created_at, expires_at, finalized_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?, NULL)",
+        );
+        let ttl = i64::try_from(self.config().hold_ttl.as_millis()).unwrap_or(i64::MAX);
+        let inserted = sqlx::query(&sql)
+            .bind(&req.request_id)
+            .bind(user_id)
+            .bind(quota_type)
+            .bind(&req.provider)
+            .bind(&req.model)
+            .bind(hold)
+            .bind(price_version)
+            .bind(i32::from(price_version.is_some()))
+            .bind(now)
+            .bind(now.saturating_add(ttl))
+            .execute(tx.conn())
+            .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {
+                tx.rollback().await?;
+                return self.replay_authorization(req, admission).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+
+        // Fast path: one guarded update, valid while no lot expiry/activation is due.
+        let sql = db.sql(
+            "UPDATE ledger_accounts SET held = held + ?, updated_at = ? \
+             WHERE user_id = ? AND quota_type = ? AND balance - held >= ? \
+             AND (next_event_at IS NULL OR next_event_at > ?)",
+        );
+        let reserved = sqlx::query(&sql)
+            .bind(hold)
+            .bind(now)
+            .bind(user_id)
+            .bind(quota_type)
+            .bind(hold)
+            .bind(now)
+            .execute(tx.conn())
+            .await?
+            .rows_affected()
+            == 1;
+        let mut journal = Journal::default();
+        let denied = if reserved {
+            None
+        } else {
+            self.reserve_slowly(tx.conn(), user_id, quota_type, hold, &mut journal, now)
+                .await?
+        };
+        if let Some(code) = denied {
+            // Keep the lot refresh (it is true regardless), drop the hold.
+            let sql = db.sql("DELETE FROM ledger_holds WHERE request_id = ?");
+            sqlx::query(&sql)
+                .bind(&req.request_id)
+                .execute(tx.conn())
+                .await?;
+            write_journal(db, tx.conn(), journal, now).await?;
+            tx.commit().await?;
+            let message = match code {
+                DenyCode::NoQuota => format!("no {quota_type} quota has ever been granted"),
+                _ => format!("not enough {quota_type} quota left for a hold of {hold}"),
+            };
+            let mut denied = denial(
+                req,
+                Some(user_id.to_string()),
+                Some(quota_type.to_string()),
+                code,
+                message,
+            );
+            denied.priced = price_version.is_some();
+            return Ok(denied);
+        }
+        journal.push_raw(
+            user_id,
+            quota_type,
+            Entry {
+                kind: "reserve",
+                request_id: Some(req.request_id.clone()),
+                held_delta: hold,
+                ..Entry::default()
+            },
+        );
+        write_journal(db, tx.conn(), journal, now).await?;
+        tx.commit().await?;
+        Ok(allow(
+            req,
+            user_id,
+            quota_type,
+            admission.hold,
+            price_version.is_some(),
+        ))
+    }
+
+    /// The account's next lot event is due (or the fast path failed for lack of quota):
+    /// lock the account, apply due expiries/activations, and try again.
+    async fn reserve_slowly(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        user_id: &str,
+        quota_type: &str,
+        hold: i64,
+        journal: &mut Journal,
+        now: i64,
+    ) -> Result<Option<DenyCode>, LedgerError> {
+        let db = self.db();
+        let Some(mut account) = lock_account(db, conn, user_id, quota_type, false, now).await?
+        else {
+            return Ok(Some(DenyCode::NoQuota));
+        };
+        let due = account.is_due(now);
+        if due {
+            refresh_lots(db, conn, &mut account, journal, now).await?;
+        }
+        let fits = account.balance - account.held >= hold;
+        if fits {
+            account.held += hold;
+        }
+        if due || fits {
+            save_account(db, conn, &account, now).await?;
+        }
+        Ok((!fits).then_some(DenyCode::QuotaExhausted))
+    }
+
+    /// A retry of an authorization already held: same figures give the same answer.
+    async fn replay_authorization(
+        &self,
+        req: &AuthorizeRequest,
+        admission: &Admission,
+    ) -> Result<AuthorizeResponse, LedgerError> {
+        let sql = self.db().sql(
+            "SELECT user_id, quota_type, provider, model, amount, priced FROM ledger_holds \
+             WHERE request_id = ?",
+        );
+        let row = sqlx::query(&sql)
+            .bind(&req.request_id)
+            .fetch_optional(self.db().pool())
+            .await?;
+        let Some(row) = row else {
+            return Err(LedgerError::Busy(format!(
+                "authorization {} raced with a concurrent attempt",
+                req.request_id
+            )));
+        };
+        let user_id: String = row.try_get(0)?;
+        let quota_type: String = row.try_get(1)?;
+        let provider: String = row.try_get(2)?;
+        let model: String = row.try_get(3)?;
+        let amount: i64 = row.try_get(4)?;
+        let priced: i32 = row.try_get(5)?;
+        let same = user_id == admission.user_id
+            && provider == req.provider
+            && model == req.model
+            && amount == admission.hold as i64;
+        if !same {
+            return Err(LedgerError::Conflict(format!(
+                "request {} was already authorized with different figures \
+                 ({user_id}, {provider}/{model}, hold {amount})",
+                req.request_id
+            )));
+        }
+        Ok(allow(
+            req,
+            &user_id,
+            &quota_type,
+            amount as u64,
+            priced != 0,
+        ))
+    }
+}
+
+fn validate(req: &AuthorizeRequest) -> Result<(), String> {
+    let keys = [
+        (&req.request_id, "request_id"),
+        (&req.provider, "provider"),
+        (&req.model, "model"),
+    ];
+    for (value, what) in keys {
+        check_key(value, what).map_err(|e| e.to_string())?;
+    }
+    if let Caller::UserId(user) = &req.caller {
+        check_key(user, "user id").map_err(|e| e.to_string())?;
+    }
+    let counts = [
+        (req.estimated_input_tokens, "estimated_input_tokens"),
+        (req.max_output_tokens.unwrap_or(0), "max_output_tokens"),
+        (req.requested_images.unwrap_or(0), "requested_images"),
+    ];
+    for (value, what) in counts {
+        if value > MAX_UNITS_PER_CALL {
+            return Err(format!(
+                "{what} {value} is above the limit of {MAX_UNITS_PER_CALL}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn allow(
+    req: &AuthorizeRequest,
+    user_id: &str,
+    quota_type: &str,
+    held: u64,
+    priced: bool,
+) -> AuthorizeResponse {
+    AuthorizeResponse {
+        request_id: req.request_id.clone(),
+        decision: Decision::Allow,
+        user_id: Some(user_id.to_string()),
+        quota_type: Some(quota_type.to_string()),
+        held,
+        priced,
+        denial: None,
+    }
+}
+
+fn denial(
+    req: &AuthorizeRequest,
+    user_id: Option<String>,
+    quota_type: Option<String>,
+    code: DenyCode,
+    message: String,
+) -> AuthorizeResponse {
+    AuthorizeResponse {
+        request_id: req.request_id.clone(),
+        decision: Decision::Deny,
+        user_id,
+        quota_type,
+        held: 0,
+        priced: false,
+        denial: Some(Denial { code, message }),
+    }
+}

@@ -1,0 +1,43 @@
+//! Caller API keys: stored only as their SHA-256 hash, resolved to the owning user.
+
+use sha2::{Digest, Sha256};
+use sqlx::{AnyConnection, Row};
+
+use super::{Ledger, LedgerError};
+
+/// Lower-case hex SHA-256 of a raw key: the value stored in `api_keys.key_hash`.
+pub fn hash_api_key(raw: &str) -> String {
+    hex::encode(Sha256::digest(raw.as_bytes()))
+}
+
+impl Ledger {
+    /// The user owning an active, unexpired key, or None.
+    pub async fn resolve_api_key(&self, raw: &str) -> Result<Option<String>, LedgerError> {
+        let mut conn = self.db().pool().acquire().await?;
+        self.resolve_api_key_on(&mut conn, raw).await
+    }
+
+    pub(super) async fn resolve_api_key_on(
+        &self,
+        conn: &mut AnyConnection,
+        raw: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        if raw.is_empty() || raw.len() > 1024 {
+            return Ok(None);
+        }
+        let sql = self
+            .db()
+            .sql("SELECT user_id, status, expires_at FROM api_keys WHERE key_hash = ?");
+        let row = sqlx::query(&sql)
+            .bind(hash_api_key(raw))
+            .fetch_optional(&mut *conn)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let status: String = row.try_get(1)?;
+        let expires_at: Option<i64> = row.try_get(2)?;
+        let live = status == "active" && expires_at.is_none_or(|e| e > self.now());
+        Ok(live.then(|| row.try_get(0)).transpose()?)
+    }
+}

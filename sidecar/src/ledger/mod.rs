@@ -1,0 +1,249 @@
+//! The quota ledger: lots (grants), holds (reservations), settlements, debt, expiry,
+//! monthly reset and reconciliation.
+//!
+//! Model (after TigerBeetle's two-phase transfers and Stripe/OpenMeter credit grants):
+//! - A **lot** is one grant of `amount` units of a quota type to a user, from a source
+//!   (membership, purchase, admin_grant, ...) identified by (source_type, source_id), which
+//!   is the idempotency key: a payment callback delivered twice grants once. Consumption
+//!   burns active lots by `priority` (lower first), then soonest expiry (never-expiring
+//!   last), then oldest. Expired remainders stop counting and are journaled as `expire`.
+//! - An **account** row per (user, quota type) carries `balance` (sum of active lots'
+//!   remaining), `held` (open reservations) and `debt`. Available = balance - held.
+//! - **authorize** inserts a hold keyed by request id and reserves with one guarded update
+//!   (`held = held + h WHERE balance - held >= h`), so admission never exceeds the balance,
+//!   whatever the number of concurrent requests or sidecar processes sharing the database.
+//!   If the available balance is positive but smaller than the hold, the call is denied
+//!   (`quota_exhausted`): the hold is the most the call may consume, and admitting it
+//!   would let it run into debt by design.
+//! - **settle** releases the hold and charges the actual units. When the actual exceeds
+//!   what is available (the tokens were already consumed upstream), it charges what is
+//!   available and records the rest as **debt** on the account. Later grants pay debt
+//!   first (the lot is reduced by the repaid units, journaled as `repay`). A settlement
+//!   without a hold (fail-open, or arriving after its hold expired) charges directly.
+//! - **void** releases a hold without charge; holds never settled expire after the
+//!   configured TTL (`expire_holds`).
+//! - Every change appends to `ledger_journal` (grant, activate, reserve, release, settle,
+//!   debt, repay, void, expire, reset), so balances can be rebuilt; [`Ledger::reconcile`]
+//!   proves it.
+//! - Idempotency: authorize / settle / void by request id (a retry returns the first result;
+//!   a retry with other figures is [`LedgerError::Conflict`]); grants by source; monthly
+//!   reset by (membership, period). A denied authorization leaves nothing behind, so its
+//!   retry is evaluated afresh.
+
+mod accounts;
+mod authorize;
+mod balance;
+mod grant;
+mod keys;
+mod reconcile;
+mod reset;
+mod settle;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::TimeZone;
+use chrono_tz::Tz;
+
+use crate::pricing::{PriceBook, PricingError};
+use crate::storage::{is_transient, is_unique_violation, now_ms, Db};
+
+pub use balance::{Balance, LotDetail};
+pub use grant::{ExpireLotsReport, GrantRequest, GrantResponse, LotStatus};
+pub use keys::hash_api_key;
+pub use reconcile::{Drift, ReconcileReport};
+pub use reset::{MonthlyResetReport, ResetOutcome};
+pub use settle::{ConsumeRequest, ConsumeResponse, ExpireHoldsReport};
+
+/// What to do with a call to a model that has no price in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnpricedPolicy {
+    /// Allow it, meter its units, record it as unpriced (no cost) and log a warning.
+    Allow,
+    /// Deny it with `model_unpriced`.
+    Deny,
+}
+
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    /// A hold not settled or voided within this time is released by `expire_holds`.
+    pub hold_ttl: Duration,
+    /// Output cap assumed for a text call whose request names none.
+    pub default_max_output_tokens: u64,
+    pub unpriced_policy: UnpricedPolicy,
+    /// Time zone of usage days and monthly periods.
+    pub timezone: Tz,
+    /// How long catalog rows (models, prices, quota types) are cached in this process.
+    pub catalog_cache_ttl: Duration,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            hold_ttl: Duration::from_secs(15 * 60),
+            default_max_output_tokens: 4096,
+            unpriced_policy: UnpricedPolicy::Allow,
+            timezone: chrono_tz::Asia::Shanghai,
+            catalog_cache_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A retry with figures different from the first request, or an operation that
+    /// contradicts the request's state (e.g. settling a voided call). Permanent.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Bad input (counts out of range, empty ids, unknown quota type ...). Permanent.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// The stored ledger contradicts itself (e.g. lots do not cover the balance); the
+    /// transaction was rolled back. Run `reconcile`.
+    #[error("ledger inconsistency: {0}")]
+    Inconsistent(String),
+    /// Contention that survived the retries; the caller may retry later.
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error(transparent)]
+    Pricing(PricingError),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl LedgerError {
+    /// True when retrying the same call later may succeed (database or contention trouble).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LedgerError::Busy(_) => true,
+            LedgerError::Db(e) => {
+                is_transient(e)
+                    || matches!(
+                        e,
+                        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+                    )
+            }
+            _ => false,
+        }
+    }
+}
+
+impl From<PricingError> for LedgerError {
+    fn from(e: PricingError) -> Self {
+        match e {
+            PricingError::Sql(e) => LedgerError::Db(e),
+            other => LedgerError::Pricing(other),
+        }
+    }
+}
+
+/// Source of "now" in Unix milliseconds (replaceable in tests).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The ledger. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    config: LedgerConfig,
+    prices: PriceBook,
+    clock: Clock,
+}
+
+const MAX_ATTEMPTS: u32 = 8;
+
+impl Ledger {
+    pub fn new(db: Db, config: LedgerConfig) -> Ledger {
+        Ledger::with_clock(db, config, Arc::new(now_ms))
+    }
+
+    pub fn with_clock(db: Db, config: LedgerConfig, clock: Clock) -> Ledger {
+        let prices = PriceBook::new(db.clone(), config.catalog_cache_ttl);
+        Ledger {
+            inner: Arc::new(Inner {
+                db,
+                config,
+                prices,
+                clock,
+            }),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub fn config(&self) -> &LedgerConfig {
+        &self.inner.config
+    }
+
+    /// The catalog cache; call `prices().invalidate()` after changing models or prices.
+    pub fn prices(&self) -> &PriceBook {
+        &self.inner.prices
+    }
+
+    pub fn now(&self) -> i64 {
+        (self.inner.clock)()
+    }
+
+    /// `YYYY-MM-DD` of `ms` in the configured time zone.
+    pub fn day_of(&self, ms: i64) -> String {
+        match self.config().timezone.timestamp_millis_opt(ms).earliest() {
+            Some(t) => t.format("%Y-%m-%d").to_string(),
+            None => "1970-01-01".to_string(),
+        }
+    }
+
+    /// Runs one transaction attempt again on deadlocks, serialization failures, busy
+    /// databases and lost idempotency races, with a short growing back-off.
+    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, LedgerError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, LedgerError>>,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match attempt().await {
+                Err(e) if tries < MAX_ATTEMPTS && retryable(&e) => {
+                    let jitter = rand::random::<u64>() % 5;
+                    tokio::time::sleep(Duration::from_millis(2u64.pow(tries.min(6)) + jitter))
+                        .await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn retryable(e: &LedgerError) -> bool {
+    match e {
+        LedgerError::Busy(_) => true,
+        LedgerError::Db(e) => is_transient(e) || is_unique_violation(e),
+        _ => false,
+    }
+}
+
+/// Converts a count from the wire to the database's BIGINT.
+fn to_i64(value: u64, what: &str) -> Result<i64, LedgerError> {
+    i64::try_from(value).map_err(|_| LedgerError::Invalid(format!("{what} is too large")))
+}
+
+/// Validates an identifier stored in a VARCHAR(191) key column.
+fn check_key(value: &str, what: &str) -> Result<(), LedgerError> {
+    if value.is_empty() || value.chars().count() > 191 {
+        return Err(LedgerError::Invalid(format!(
+            "{what} must be 1..=191 characters"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,461 @@
+//! Database access shared by the ledger, pricing and catalog: one [`Db`] handle over the
+//! sqlx `Any` driver, the [`Dialect`] differences between SQLite, PostgreSQL and
+//! MySQL/MariaDB, and the versioned migrations (see [`schema`] for every table).
+//!
+//! Portable column types only (the `Any` driver cannot decode DECIMAL, TEXT on MySQL or
+//! TINYINT): integers are BIGINT, flags are INTEGER 0/1, timestamps are BIGINT Unix
+//! milliseconds, strings are VARCHAR, prices are decimal strings and costs BIGINT micros.
+//!
+//! SQL is written once with `?` placeholders; [`Db::sql`] rewrites it to `$n` for PostgreSQL.
+
+pub mod schema;
+#[doc(hidden)]
+pub mod testing;
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+/// Errors from connecting and migrating.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("unsupported DATABASE_URL scheme in `{0}` (use sqlite://, postgres:// or mysql://)")]
+    UnsupportedUrl(String),
+    #[error("cannot create the database directory {path}: {source}")]
+    CreateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: i64,
+        name: &'static str,
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// The SQL dialect behind a [`Db`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Dialect {
+    /// Picks the dialect from a connection URL.
+    pub fn from_url(url: &str) -> Result<Dialect, StorageError> {
+        let scheme = url.split(':').next().unwrap_or_default();
+        match scheme {
+            "sqlite" => Ok(Dialect::Sqlite),
+            "postgres" | "postgresql" => Ok(Dialect::Postgres),
+            "mysql" | "mariadb" => Ok(Dialect::MySql),
+            _ => Err(StorageError::UnsupportedUrl(redact_url(url))),
+        }
+    }
+
+    /// Rewrites `?` placeholders to `$1, $2, ...` for PostgreSQL (outside string literals).
+    pub fn sql<'a>(self, sql: &'a str) -> Cow<'a, str> {
+        if self != Dialect::Postgres || !sql.contains('?') {
+            return Cow::Borrowed(sql);
+        }
+        let mut out = String::with_capacity(sql.len() + 16);
+        let mut n = 0;
+        let mut in_literal = false;
+        for ch in sql.chars() {
+            match ch {
+                '\'' => {
+                    in_literal = !in_literal;
+                    out.push(ch);
+                }
+                '?' if !in_literal => {
+                    n += 1;
+                    out.push('$');
+                    out.push_str(&n.to_string());
+                }
+                _ => out.push(ch),
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// `SUM(expr)` as a BIGINT the `Any` driver can decode (PG sums to NUMERIC, MySQL to DECIMAL).
+    pub fn sum_i64(self, expr: &str) -> String {
+        match self {
+            Dialect::MySql => format!("CAST(COALESCE(SUM({expr}), 0) AS SIGNED)"),
+            Dialect::Sqlite | Dialect::Postgres => {
+                format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)")
+            }
+        }
+    }
+
+    /// Row-lock suffix for a `SELECT` inside a write transaction (SQLite locks the whole
+    /// database at `BEGIN IMMEDIATE`, so it needs none).
+    pub fn for_update(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "",
+            Dialect::Postgres | Dialect::MySql => " FOR UPDATE",
+        }
+    }
+
+    /// An `INSERT` that does nothing when the key already exists. `insert` is the whole
+    /// `INSERT INTO t (..) VALUES (..)` statement; `key_column` any column of the conflicting key.
+    pub fn insert_ignore(self, insert: &str, key_column: &str) -> String {
+        match self {
+            Dialect::Sqlite | Dialect::Postgres => format!("{insert} ON CONFLICT DO NOTHING"),
+            // Not INSERT IGNORE: that would also turn real errors (truncation) into warnings.
+            Dialect::MySql => {
+                format!("{insert} ON DUPLICATE KEY UPDATE {key_column} = {key_column}")
+            }
+        }
+    }
+
+    /// An upsert that adds `add_columns` to the existing row and overwrites `set_columns`
+    /// (keeping the old value when the new one is NULL).
+    pub fn upsert_add(
+        self,
+        insert: &str,
+        table: &str,
+        key_columns: &[&str],
+        add_columns: &[&str],
+        set_columns: &[&str],
+    ) -> String {
+        let mut sets: Vec<String> = Vec::new();
+        match self {
+            Dialect::Sqlite | Dialect::Postgres => {
+                for c in add_columns {
+                    sets.push(format!("{c} = {table}.{c} + excluded.{c}"));
+                }
+                for c in set_columns {
+                    sets.push(format!("{c} = COALESCE(excluded.{c}, {table}.{c})"));
+                }
+                format!(
+                    "{insert} ON CONFLICT ({}) DO UPDATE SET {}",
+                    key_columns.join(", "),
+                    sets.join(", ")
+                )
+            }
+            Dialect::MySql => {
+                for c in add_columns {
+                    sets.push(format!("{c} = {c} + VALUES({c})"));
+                }
+                for c in set_columns {
+                    sets.push(format!("{c} = COALESCE(VALUES({c}), {c})"));
+                }
+                format!("{insert} ON DUPLICATE KEY UPDATE {}", sets.join(", "))
+            }
+        }
+    }
+
+    /// True when inserting with `RETURNING id` is the way to learn a generated key.
+    pub fn has_returning(self) -> bool {
+        matches!(self, Dialect::Sqlite | Dialect::Postgres)
+    }
+}
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    /// SQLite only: how long a writer waits for another process's lock.
+    pub busy_timeout: Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(10),
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The database handle: a connection pool plus its dialect. Cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+    dialect: Dialect,
+    /// SQLite allows one writer at a time; queueing writers of this process here is much
+    /// faster than letting them spin on the file lock. Other processes still wait on
+    /// `busy_timeout`.
+    write_gate: Option<Arc<Mutex<()>>>,
+}
+
+/// A write transaction. On SQLite it began with `BEGIN IMMEDIATE` (so a read followed by a
+/// write can never hit the lock-upgrade deadlock) and holds this process's write gate.
+pub struct WriteTx {
+    tx: Transaction<'static, Any>,
+    _gate: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    /// The connection to run statements on.
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl Db {
+    /// Connects with default pool settings. SQLite files (and their directory) are created.
+    pub async fn connect(url: &str) -> Result<Db, StorageError> {
+        Db::connect_with(url, DbOptions::default()).await
+    }
+
+    pub async fn connect_with(url: &str, options: DbOptions) -> Result<Db, StorageError> {
+        sqlx::any::install_default_drivers();
+        let dialect = Dialect::from_url(url)?;
+        let url = match dialect {
+            Dialect::Sqlite => prepare_sqlite_url(url)?,
+            _ => url.to_string(),
+        };
+        let connect_options: AnyConnectOptions = url.parse()?;
+        let connect_options = connect_options.disable_statement_logging();
+        if dialect == Dialect::Sqlite {
+            // WAL is a property of the file: set it once, not racing from every connection.
+            let mut conn = AnyConnection::connect_with(&connect_options).await?;
+            conn.execute("PRAGMA journal_mode=WAL").await?;
+            conn.close().await?;
+        }
+        let busy_ms = options.busy_timeout.as_millis();
+        let pool = AnyPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    for statement in session_setup(dialect, busy_ms) {
+                        conn.execute(statement.as_str()).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(connect_options)
+            .await?;
+        let write_gate = (dialect == Dialect::Sqlite).then(|| Arc::new(Mutex::new(())));
+        Ok(Db {
+            pool,
+            dialect,
+            write_gate,
+        })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// See [`Dialect::sql`].
+    pub fn sql<'a>(&self, sql: &'a str) -> Cow<'a, str> {
+        self.dialect.sql(sql)
+    }
+
+    /// Begins a write transaction (see [`WriteTx`]).
+    pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
+        let gate = match &self.write_gate {
+            Some(gate) => Some(gate.clone().lock_owned().await),
+            None => None,
+        };
+        let tx = match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres | Dialect::MySql => self.pool.begin().await?,
+        };
+        Ok(WriteTx { tx, _gate: gate })
+    }
+
+    /// Applies pending migrations; safe to run concurrently from several processes and again.
+    pub async fn migrate(&self) -> Result<schema::MigrationReport, StorageError> {
+        schema::migrate(self).await
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn session_setup(dialect: Dialect, busy_ms: u128) -> Vec<String> {
+    match dialect {
+        Dialect::Sqlite => vec![
+            format!("PRAGMA busy_timeout = {busy_ms}"),
+            "PRAGMA synchronous = NORMAL".to_string(),
+        ],
+        // READ COMMITTED: no gap locks, so concurrent inserts of distinct keys do not deadlock.
+        Dialect::MySql => vec![
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_string(),
+            "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_DATE,NO_ENGINE_SUBSTITUTION'"
+                .to_string(),
+        ],
+        Dialect::Postgres => vec![],
+    }
+}
+
+/// Adds `mode=rwc` (create if missing) and creates the parent directory of a file database.
+fn prepare_sqlite_url(url: &str) -> Result<String, StorageError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    if !path.is_empty() && !path.starts_with(':') {
+        if let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(|source| StorageError::CreateDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    Ok(match query {
+        Some(q) if q.contains("mode=") => url.to_string(),
+        Some(_) => format!("{url}&mode=rwc"),
+        None => format!("{url}?mode=rwc"),
+    })
+}
+
+/// The URL without its password, for error messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// True for errors worth retrying the whole transaction: deadlocks, serialization
+/// failures, lock timeouts and SQLite busy.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return matches!(mysql.number(), 1213 | 1205);
+    }
+    match db.code().as_deref() {
+        // PostgreSQL serialization failure / deadlock detected.
+        Some("40001") | Some("40P01") => true,
+        // SQLite BUSY, LOCKED and their extended codes (BUSY_SNAPSHOT = 517, ...).
+        Some(code) if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
+            matches!(code.parse::<i64>().map(|c| c & 0xff), Ok(5) | Ok(6))
+        }
+        _ => false,
+    }
+}
+
+/// True when the error is a unique / primary key violation.
+pub fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Runs an `INSERT` (written without `RETURNING`) and returns the generated `id`.
+pub async fn insert_returning_id<'q>(
+    dialect: Dialect,
+    conn: &mut AnyConnection,
+    query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+) -> Result<i64, sqlx::Error> {
+    if dialect.has_returning() {
+        use sqlx::Row;
+        let row = query.fetch_one(&mut *conn).await?;
+        row.try_get::<i64, _>(0)
+    } else {
+        let result = query.execute(&mut *conn).await?;
+        result
+            .last_insert_id()
+            .ok_or_else(|| sqlx::Error::Protocol("the database returned no insert id".into()))
+    }
+}
+
+/// `sql` plus ` RETURNING id` where the dialect supports it (pair with [`insert_returning_id`]).
+pub fn with_returning_id(dialect: Dialect, sql: &str) -> String {
+    if dialect.has_returning() {
+        format!("{sql} RETURNING id")
+    } else {
+        sql.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres_only() {
+        let sql = "SELECT a FROM t WHERE b = ? AND c = '?' AND d = ?";
+        assert_eq!(Dialect::Sqlite.sql(sql), sql);
+        assert_eq!(
+            Dialect::Postgres.sql(sql),
+            "SELECT a FROM t WHERE b = $1 AND c = '?' AND d = $2"
+        );
+    }
+
+    #[test]
+    fn dialect_is_chosen_by_url_scheme() {
+        assert_eq!(Dialect::from_url("sqlite://x.db").unwrap(), Dialect::Sqlite);
+        assert_eq!(
+            Dialect::from_url("postgres://h/db").unwrap(),
+            Dialect::Postgres
+        );
+        assert_eq!(Dialect::from_url("mysql://h/db").unwrap(), Dialect::MySql);
+        assert!(Dialect::from_url("oracle://h").is_err());
+    }
+
+    #[test]
+    fn sqlite_url_gets_create_mode_and_directory() {
+        let dir = std::env::temp_dir().join(format!("meter-url-{}", rand::random::<u32>()));
+        let url = format!("sqlite://{}/sub/a.db", dir.display());
+        let prepared = prepare_sqlite_url(&url).unwrap();
+        assert!(prepared.ends_with("?mode=rwc"));
+        assert!(dir.join("sub").is_dir());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("mysql://root:secret@h:3306/db"),
+            "mysql://root:***@h:3306/db"
+        );
+        assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    #[test]
+    fn upserts_add_per_dialect() {
+        let ins = "INSERT INTO d (k, n) VALUES (?, ?)";
+        let pg = Dialect::Postgres.upsert_add(ins, "d", &["k"], &["n"], &[]);
+        assert!(pg.ends_with("ON CONFLICT (k) DO UPDATE SET n = d.n + excluded.n"));
+        let my = Dialect::MySql.upsert_add(ins, "d", &["k"], &["n"], &[]);
+        assert!(my.ends_with("ON DUPLICATE KEY UPDATE n = n + VALUES(n)"));
+    }
+}
