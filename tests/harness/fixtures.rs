@@ -10,7 +10,10 @@ pub fn own_dir() -> PathBuf {
 
 /// The recorded corpus, if present. Under `CI=true` its absence is a failure.
 pub fn shared_dir() -> Option<PathBuf> {
-    let dir = crate::repo_root().join("..").join("shared").join("fixtures");
+    let dir = crate::repo_root()
+        .join("..")
+        .join("shared")
+        .join("fixtures");
     if dir.is_dir() {
         return Some(dir);
     }

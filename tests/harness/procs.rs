@@ -217,7 +217,12 @@ pub struct Envoy {
 }
 
 impl Envoy {
-    pub fn start(dir: &Path, sidecar_port: u16, upstream_port: u16, filter: &FilterOptions) -> Envoy {
+    pub fn start(
+        dir: &Path,
+        sidecar_port: u16,
+        upstream_port: u16,
+        filter: &FilterOptions,
+    ) -> Envoy {
         let port = crate::free_port();
         let admin_port = crate::free_port();
         let config = envoy_config(port, admin_port, sidecar_port, upstream_port, filter);
@@ -266,9 +271,8 @@ impl Envoy {
         let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) else {
             return 0;
         };
-        let request = format!(
-            "GET /stats?filter={name}$ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
+        let request =
+            format!("GET /stats?filter={name}$ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         if stream.write_all(request.as_bytes()).is_err() {
             return 0;
         }

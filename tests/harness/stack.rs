@@ -24,7 +24,11 @@ impl Stack {
         Stack::start_with(label, FilterOptions::default(), &[]).await
     }
 
-    pub async fn start_with(label: &str, filter: FilterOptions, sidecar_env: &[(&str, &str)]) -> Stack {
+    pub async fn start_with(
+        label: &str,
+        filter: FilterOptions,
+        sidecar_env: &[(&str, &str)],
+    ) -> Stack {
         let dir = crate::scratch_dir(label);
         let database_url = format!("sqlite://{}?mode=rwc", dir.join("ledger.db").display());
         let upstream = ScriptedUpstream::start().await;
@@ -44,45 +48,50 @@ impl Stack {
         }
     }
 
-    /// Seed provider `openai`, a text model with a price, and give `user` `amount` text tokens.
+    /// Seed provider `openai` (idempotent) and a text model priced per 1k tokens.
     pub async fn seed_priced_model(&self, model: &str, input_per_1k: &str, output_per_1k: &str) {
-        self.admin
-            .must_post("/admin/v1/providers", json!({"code": "openai", "name": "OpenAI"}))
-            .await;
         self.seed_model(model).await;
-        for (pricing_type, price) in [("input_token", input_per_1k), ("output_token", output_per_1k)] {
-            self.admin
-                .must_post(
-                    "/admin/v1/pricing",
-                    json!({
-                        "provider": "openai",
-                        "model": model,
-                        "pricing_type": pricing_type,
-                        "unit": "per_1k_tokens",
-                        "unit_price": price,
-                        "currency": "CNY",
-                        "effective_from": "2020-01-01T00:00:00Z",
-                    }),
-                )
-                .await;
-        }
+        self.admin
+            .must_post(
+                "/admin/v1/prices",
+                json!({
+                    "provider": "openai",
+                    "model": model,
+                    "currency": "CNY",
+                    "items": [
+                        {"pricing_type": "input_token", "unit": "per_1k_tokens", "unit_price": input_per_1k},
+                        {"pricing_type": "output_token", "unit": "per_1k_tokens", "unit_price": output_per_1k},
+                    ],
+                }),
+            )
+            .await;
     }
 
+    /// Seed provider `openai` (idempotent) and a text model without a price.
     pub async fn seed_model(&self, model: &str) {
         let _ = self
             .admin
-            .post("/admin/v1/providers", json!({"code": "openai", "name": "OpenAI"}))
+            .post(
+                "/admin/v1/providers",
+                json!({"code": "openai", "name": "OpenAI"}),
+            )
             .await;
         self.admin
             .must_post(
                 "/admin/v1/models",
-                json!({"provider": "openai", "code": model, "name": model, "model_type": "text"}),
+                json!({"provider": "openai", "model": model, "model_type": "text"}),
             )
             .await;
     }
 
     /// POST a JSON body through Envoy as `user`, with scripted-upstream headers.
-    pub async fn call(&self, path: &str, user: Option<&str>, body: &Value, script: &[(&str, &str)]) -> Reply {
+    pub async fn call(
+        &self,
+        path: &str,
+        user: Option<&str>,
+        body: &Value,
+        script: &[(&str, &str)],
+    ) -> Reply {
         let mut request = self.http.post(self.envoy.url(path)).json(body);
         if let Some(user) = user {
             request = request.header("x-user-id", user);
@@ -92,7 +101,11 @@ impl Stack {
         }
         let response = request.send().await.expect("request through envoy");
         let status = response.status().as_u16();
-        let body = response.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+        let body = response
+            .bytes()
+            .await
+            .map(|b| b.to_vec())
+            .unwrap_or_default();
         Reply { status, body }
     }
 

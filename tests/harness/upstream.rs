@@ -146,25 +146,28 @@ async fn answer(req: Request<Body>, recorder: Arc<Mutex<Vec<SeenRequest>>>) -> R
         .chunks(chunk)
         .map(|c| Bytes::copy_from_slice(c))
         .collect();
-    let body_stream = stream::unfold((pieces.into_iter(), 0usize), move |(mut rest, sent)| async move {
-        if let Some(limit) = abort_after {
-            if sent >= limit {
-                // An error item makes hyper reset the connection mid-body.
-                return Some((Err(std::io::Error::other("scripted abort")), (rest, sent)));
+    let body_stream = stream::unfold(
+        (pieces.into_iter(), 0usize),
+        move |(mut rest, sent)| async move {
+            if let Some(limit) = abort_after {
+                if sent >= limit {
+                    // An error item makes hyper reset the connection mid-body.
+                    return Some((Err(std::io::Error::other("scripted abort")), (rest, sent)));
+                }
             }
-        }
-        let mut piece = rest.next()?;
-        if let Some(limit) = abort_after {
-            if sent + piece.len() > limit {
-                piece = piece.slice(..limit - sent);
+            let mut piece = rest.next()?;
+            if let Some(limit) = abort_after {
+                if sent + piece.len() > limit {
+                    piece = piece.slice(..limit - sent);
+                }
             }
-        }
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        let sent = sent + piece.len();
-        Some((Ok::<Bytes, std::io::Error>(piece), (rest, sent)))
-    });
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let sent = sent + piece.len();
+            Some((Ok::<Bytes, std::io::Error>(piece), (rest, sent)))
+        },
+    );
     Response::builder()
         .status(status)
         .header("content-type", content_type)
