@@ -27,15 +27,34 @@ fn chat(stream: bool, max_tokens: u64) -> serde_json::Value {
 async fn insufficient_quota_is_denied_before_the_upstream() {
     let stack = Stack::start("deny").await;
     stack.seed_priced_model(MODEL, "0.002", "0.006").await;
-    stack.admin.grant("poor", "text_token", 50, "grant-poor").await;
+    stack
+        .admin
+        .grant("poor", "text_token", 50, "grant-poor")
+        .await;
 
-    let reply = stack.call("/v1/chat/completions", Some("poor"), &chat(false, 1000), &[]).await;
+    let reply = stack
+        .call(
+            "/v1/chat/completions",
+            Some("poor"),
+            &chat(false, 1000),
+            &[],
+        )
+        .await;
 
     assert_eq!(reply.status, 429, "{}", reply.text());
     let body = reply.json();
     assert_eq!(body["error"]["code"], "quota_exhausted", "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    assert_eq!(stack.upstream.request_count(), 0, "the upstream must not see a denied call");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert_eq!(
+        stack.upstream.request_count(),
+        0,
+        "the upstream must not see a denied call"
+    );
     let quota = stack.admin.quota("poor", "text_token").await;
     assert_eq!(num(&quota, "held"), 0, "{quota}");
     assert_eq!(num(&quota, "used"), 0, "{quota}");
@@ -45,7 +64,14 @@ async fn insufficient_quota_is_denied_before_the_upstream() {
 async fn a_user_without_any_quota_gets_402() {
     let stack = Stack::start("noquota").await;
     stack.seed_priced_model(MODEL, "0.002", "0.006").await;
-    let reply = stack.call("/v1/chat/completions", Some("nobody"), &chat(false, 10), &[]).await;
+    let reply = stack
+        .call(
+            "/v1/chat/completions",
+            Some("nobody"),
+            &chat(false, 10),
+            &[],
+        )
+        .await;
     assert_eq!(reply.status, 402, "{}", reply.text());
     assert_eq!(stack.upstream.request_count(), 0);
 }
@@ -58,12 +84,21 @@ async fn bad_requests_get_clear_errors_and_never_reach_the_upstream() {
     };
     let stack = Stack::start_with("badreq", filter, &[]).await;
     stack.seed_priced_model(MODEL, "0.002", "0.006").await;
-    stack.admin.grant("alice", "text_token", 100_000, "grant-alice").await;
+    stack
+        .admin
+        .grant("alice", "text_token", 100_000, "grant-alice")
+        .await;
 
     // No identity: 401.
-    let reply = stack.call("/v1/chat/completions", None, &chat(false, 10), &[]).await;
+    let reply = stack
+        .call("/v1/chat/completions", None, &chat(false, 10), &[])
+        .await;
     assert_eq!(reply.status, 401, "{}", reply.text());
-    assert!(reply.json()["error"]["message"].is_string(), "{}", reply.text());
+    assert!(
+        reply.json()["error"]["message"].is_string(),
+        "{}",
+        reply.text()
+    );
 
     // Malformed JSON: 400.
     let response = stack
@@ -80,11 +115,18 @@ async fn bad_requests_get_clear_errors_and_never_reach_the_upstream() {
     assert!(text.contains("JSON") || text.contains("json"), "{text}");
 
     // Oversized body: 413.
-    let big = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(10_000)}]});
-    let reply = stack.call("/v1/chat/completions", Some("alice"), &big, &[]).await;
+    let big =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(10_000)}]});
+    let reply = stack
+        .call("/v1/chat/completions", Some("alice"), &big, &[])
+        .await;
     assert_eq!(reply.status, 413, "{}", reply.text());
 
-    assert_eq!(stack.upstream.request_count(), 0, "nothing may be forwarded unmetered");
+    assert_eq!(
+        stack.upstream.request_count(),
+        0,
+        "nothing may be forwarded unmetered"
+    );
     let quota = stack.admin.quota("alice", "text_token").await;
     assert_eq!(num(&quota, "held"), 0, "{quota}");
 }
@@ -93,10 +135,15 @@ async fn bad_requests_get_clear_errors_and_never_reach_the_upstream() {
 async fn a_model_without_a_price_runs_unbilled_and_flagged() {
     let stack = Stack::start("unpriced").await;
     stack.seed_model("free-model").await;
-    stack.admin.grant("carol", "text_token", 100_000, "grant-carol").await;
+    stack
+        .admin
+        .grant("carol", "text_token", 100_000, "grant-carol")
+        .await;
     let body = json!({"model": "free-model", "messages": [{"role": "user", "content": "hi"}]});
 
-    let reply = stack.call("/v1/chat/completions", Some("carol"), &body, &[]).await;
+    let reply = stack
+        .call("/v1/chat/completions", Some("carol"), &body, &[])
+        .await;
 
     assert_eq!(reply.status, 200, "{}", reply.text());
     let records = stack.wait_for_usage("carol", 1).await;
@@ -106,7 +153,8 @@ async fn a_model_without_a_price_runs_unbilled_and_flagged() {
     assert_eq!(num(&records[0], "input_tokens"), 5);
     let log = stack.sidecar.log();
     assert!(
-        log.lines().any(|l| l.contains("WARN") && l.contains("no price") && l.contains("free-model")),
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("no price") && l.contains("free-model")),
         "a warning must be logged: {log}"
     );
 }
@@ -119,7 +167,10 @@ async fn concurrent_streams_never_overdraw_and_all_settle() {
     stack.seed_priced_model(MODEL, "0.002", "0.006").await;
     // Each call holds estimate + 100 output tokens; the recorded stream uses 12 + 100.
     let quota_units = 2_000;
-    stack.admin.grant("dave", "text_token", quota_units, "grant-dave").await;
+    stack
+        .admin
+        .grant("dave", "text_token", quota_units, "grant-dave")
+        .await;
 
     let mut calls = Vec::new();
     for _ in 0..50 {
@@ -131,7 +182,12 @@ async fn concurrent_streams_never_overdraw_and_all_settle() {
                 ("x-script-delay-ms", "20"),
             ];
             stack
-                .call("/v1/chat/completions", Some("dave"), &chat(true, 100), &headers)
+                .call(
+                    "/v1/chat/completions",
+                    Some("dave"),
+                    &chat(true, 100),
+                    &headers,
+                )
                 .await
                 .status
         }));
@@ -145,10 +201,17 @@ async fn concurrent_streams_never_overdraw_and_all_settle() {
             other => panic!("unexpected status {other}"),
         }
     }
-    assert!(admitted > 0 && denied > 0, "admitted {admitted}, denied {denied}");
+    assert!(
+        admitted > 0 && denied > 0,
+        "admitted {admitted}, denied {denied}"
+    );
 
     let records = stack.wait_for_usage("dave", admitted).await;
-    assert_eq!(records.len(), admitted, "every admitted call settles exactly once");
+    assert_eq!(
+        records.len(),
+        admitted,
+        "every admitted call settles exactly once"
+    );
     let used: i64 = records.iter().map(|r| num(r, "units")).sum();
     let quota = stack.admin.quota("dave", "text_token").await;
     assert_eq!(num(&quota, "held"), 0, "no hold is left over: {quota}");

@@ -173,6 +173,8 @@ pub struct FilterOptions {
     pub provider: &'static str,
     pub user_id_header: Option<&'static str>,
     pub api_key_header: Option<&'static str>,
+    /// Cap of the outbox's retry backoff, so fault tests don't wait long.
+    pub settle_retry_max_ms: u64,
 }
 
 impl Default for FilterOptions {
@@ -184,6 +186,7 @@ impl Default for FilterOptions {
             provider: "openai",
             user_id_header: Some("x-user-id"),
             api_key_header: None,
+            settle_retry_max_ms: 1000,
         }
     }
 }
@@ -197,6 +200,8 @@ impl FilterOptions {
             "failure_mode": self.failure_mode,
             "provider": self.provider,
             "max_request_body_bytes": self.max_request_body_bytes,
+            "settle_retry_initial_ms": 100,
+            "settle_retry_max_ms": self.settle_retry_max_ms,
         });
         if let Some(header) = self.user_id_header {
             config["user_id_header"] = header.into();
