@@ -12,7 +12,7 @@ export PATH := $(HOME)/.cargo/bin:$(HOME)/.local/bin:$(PATH)
 .PHONY: run test tools wasm build lint bench soak fuzz clean-data
 
 tools:
-	@scripts/install-tools.sh
+	@bash scripts/install-tools.sh
 
 wasm: tools
 	$(CARGO) build --release --target $(WASM_TARGET) -p llm-meter-filter
@@ -22,16 +22,26 @@ build: wasm
 	$(CARGO) build --release -p llm-meter-sidecar -p llm-meter-demo-upstream
 
 run: build
-	@scripts/run.sh
+	@bash scripts/run.sh
 
 test: wasm
 	$(CARGO) build -p llm-meter-sidecar
-	@scripts/test.sh
+	@bash scripts/test.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) -p llm-meter-filter -- -D warnings
+
+# Long random runs of the filter's parsers over mutated corpus seeds (tests/fuzz-corpus/ and
+# the fixtures); each target stops after FUZZ_SECONDS. Optimised, with overflow checks on.
+FUZZ_SECONDS ?= 60
+FUZZ_PROFILE := --config 'profile.fuzz.inherits="release"' --config 'profile.fuzz.lto=false' \
+	--config 'profile.fuzz.codegen-units=16' --config 'profile.fuzz.debug-assertions=true' \
+	--config 'profile.fuzz.overflow-checks=true' --config 'profile.fuzz.panic="unwind"' --profile fuzz
+fuzz:
+	PROPTEST_CASES=1000000000 FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test $(FUZZ_PROFILE) \
+		-p llm-meter-filter --lib fuzz_ -- --test-threads=2 --nocapture
 
 clean-data:
 	rm -rf data

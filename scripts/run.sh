@@ -19,7 +19,6 @@ export METER_SHARED_SECRET=${METER_SHARED_SECRET:-demo-shared-secret}
 export METER_ADMIN_TOKEN=${METER_ADMIN_TOKEN:-demo-admin-token}
 export DATABASE_URL=${DATABASE_URL:-sqlite://./data/ledger.db?mode=rwc}
 export METER_LISTEN=${METER_LISTEN:-127.0.0.1:8081}
-PROVIDER=${UPSTREAM_PROVIDER:-openai}
 SIDECAR=target/release/llm-meter-sidecar
 DEMO=target/release/llm-meter-demo-upstream
 
@@ -31,6 +30,7 @@ cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     echo "stopped."
+    exit 0
 }
 trap cleanup INT TERM EXIT
 
@@ -45,7 +45,7 @@ wait_http() {
 }
 
 "$SIDECAR" migrate
-"$SIDECAR" seed-demo --provider "$PROVIDER"
+"$SIDECAR" seed-demo
 "$SIDECAR" serve >"$RUN_DIR/sidecar.log" 2>&1 &
 pids+=($!)
 wait_http "http://$METER_LISTEN/readyz" "the sidecar"
@@ -68,7 +68,7 @@ llm-meter is running.
   proxy (Envoy + filter):  http://127.0.0.1:10000      upstream: $upstream
   admin API (sidecar):     http://$METER_LISTEN/admin/v1   (Authorization: Bearer $METER_ADMIN_TOKEN)
   OpenAPI:                 http://$METER_LISTEN/openapi.json
-  Envoy admin / stats:     http://127.0.0.1:9901/stats?filter=llm_meter
+  Envoy admin / stats:     http://127.0.0.1:9901/stats?filter=wasmcustom.llm_meter
   logs:                    $RUN_DIR/
 
 Try it (a streamed call metered for demo-user, then the quota going down):
