@@ -139,3 +139,132 @@ async fn sidecar_restarted_mid_stream_loses_and_doubles_nothing() {
     assert_eq!(num(&quota, "used"), 5 * 29, "{quota}");
     assert_eq!(num(&quota, "held"), 0, "{quota}");
 }
+
+/// SIGKILL the sidecar under 200 in-flight streams and restart it: every admitted call is
+/// settled exactly once, no hold is left, and reconcile finds zero drift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_killed_under_200_streams_settles_every_admitted_call_once() {
+    let filter = FilterOptions {
+        timeout_ms: 2000,
+        ..FilterOptions::default()
+    };
+    let stack = Stack::start_with("kill-200", filter, &[]).await;
+    stack.seed_priced_model(MODEL, "0.002", "0.006").await;
+    stack
+        .admin
+        .grant("liam", "text_token", 10_000_000, "grant-liam")
+        .await;
+    let stack = Arc::new(tokio::sync::Mutex::new(stack));
+
+    let (url, http) = {
+        let stack = stack.lock().await;
+        (stack.envoy.url("/v1/chat/completions"), stack.http.clone())
+    };
+    let streams: Vec<_> = (0..200)
+        .map(|_| {
+            let (url, http) = (url.clone(), http.clone());
+            tokio::spawn(async move {
+                let response = http
+                    .post(url)
+                    .header("x-user-id", "liam")
+                    .header("x-script-fixture", "openai_chat_crlf_nospace_usage.sse")
+                    .header("x-script-chunk-bytes", "40")
+                    .header("x-script-delay-ms", "40")
+                    .json(&body(true))
+                    .send()
+                    .await;
+                match response {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let _ = response.bytes().await;
+                        status
+                    }
+                    Err(_) => 0,
+                }
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stack.lock().await.sidecar.kill();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stack.lock().await.sidecar.restart();
+
+    let mut admitted = 0;
+    for stream in streams {
+        match stream.await.expect("task") {
+            200 => admitted += 1,
+            503 => {} // arrived while the sidecar was down: refused (fail_closed)
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(admitted > 0, "some calls were admitted before the kill");
+    let stack = stack.lock().await;
+    let records = stack.wait_for_usage("liam", admitted).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let records_later = stack.admin.usage_of("liam").await;
+    assert_eq!(records_later.len(), records.len(), "no settlement doubled");
+    assert_eq!(
+        records.len(),
+        admitted,
+        "every admitted call settled exactly once"
+    );
+    let quota = stack.admin.quota("liam", "text_token").await;
+    assert_eq!(num(&quota, "held"), 0, "{quota}");
+    assert_eq!(num(&quota, "used"), 29 * admitted as i64, "{quota}");
+    let reconcile = stack
+        .admin
+        .must_post("/admin/v1/reconcile", json!({}))
+        .await;
+    assert_eq!(reconcile["clean"], true, "{reconcile}");
+}
+
+/// A call whose settlement can never arrive (Envoy itself dies mid-stream) has its hold
+/// expire after the TTL, recorded as such, and the ledger stays consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_of_calls_that_never_complete_expire() {
+    let env = [
+        ("METER_HOLD_TTL_SECS", "2"),
+        ("METER_SWEEP_INTERVAL_SECS", "1"),
+    ];
+    let mut stack = Stack::start_with("hold-ttl", FilterOptions::default(), &env).await;
+    stack.seed_priced_model(MODEL, "0.002", "0.006").await;
+    stack
+        .admin
+        .grant("mona", "text_token", 100_000, "grant-mona")
+        .await;
+
+    let request = stack
+        .http
+        .post(stack.envoy.url("/v1/chat/completions"))
+        .header("x-user-id", "mona")
+        .header("x-script-fixture", "zhipu_glm_stream.sse")
+        .header("x-script-chunk-bytes", "100")
+        .header("x-script-delay-ms", "200")
+        .json(&body(true))
+        .send();
+    let call = tokio::spawn(request);
+    // Wait until the hold exists, then kill Envoy (and its outbox) mid-stream.
+    let mut held = 0;
+    for _ in 0..100 {
+        held = num(&stack.admin.quota("mona", "text_token").await, "held");
+        if held > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(held > 0, "the call holds quota while it streams");
+    stack.envoy.kill();
+    let _ = call.await;
+
+    let records = stack.wait_for_usage("mona", 1).await;
+    assert_eq!(records[0]["status"], "expired", "{}", records[0]);
+    let quota = stack.admin.quota("mona", "text_token").await;
+    assert_eq!(num(&quota, "held"), 0, "{quota}");
+    assert_eq!(num(&quota, "used"), 0, "{quota}");
+    let reconcile = stack
+        .admin
+        .must_post("/admin/v1/reconcile", json!({}))
+        .await;
+    assert_eq!(reconcile["clean"], true, "{reconcile}");
+}

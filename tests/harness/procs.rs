@@ -295,14 +295,19 @@ impl Envoy {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
-}
 
-impl Drop for Envoy {
-    fn drop(&mut self) {
+    /// SIGKILL: Envoy dies with whatever its filter still held in memory.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
