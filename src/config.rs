@@ -63,6 +63,10 @@ pub struct Config {
     /// Ask OpenAI-compatible streams for a final usage chunk (`stream_options.include_usage`).
     #[serde(default = "default_true")]
     pub inject_include_usage: bool,
+    /// Remove the usage-only chunk from what the client receives when the filter injected
+    /// `include_usage` (the client did not ask for it). The meter still reads it.
+    #[serde(default = "default_true")]
+    pub strip_injected_usage_chunk: bool,
     /// Largest single SSE event the response meter keeps in memory.
     #[serde(default = "default_max_event_bytes")]
     pub max_event_bytes: usize,
@@ -322,6 +326,7 @@ mod tests {
         assert_eq!(config.failure_mode, FailureMode::FailClosed);
         assert_eq!(config.max_request_body_bytes, 1024 * 1024);
         assert!(config.inject_include_usage);
+        assert!(config.strip_injected_usage_chunk);
         assert_eq!(config.format, None);
         assert_eq!(config.api_key_header, None);
         assert_eq!(config.user_id_header.as_deref(), Some("x-user-id"));
@@ -334,7 +339,8 @@ mod tests {
             "sidecar_cluster": "c", "sidecar_authority": "meter.local", "shared_secret": "k",
             "timeout_ms": 250, "failure_mode": "fail_open", "api_key_header": "Authorization",
             "provider": "anthropic", "format": "anthropic", "max_request_body_bytes": 2048,
-            "inject_include_usage": false, "max_event_bytes": 4096,
+            "inject_include_usage": false, "strip_injected_usage_chunk": false,
+            "max_event_bytes": 4096,
             "max_response_json_bytes": 8192, "settle_batch_max": 7,
             "settle_retry_initial_ms": 10, "settle_retry_max_ms": 20, "settle_tick_ms": 50,
             "outbox_capacity": 3,
@@ -346,6 +352,7 @@ mod tests {
         assert_eq!(config.user_id_header, None);
         assert_eq!(config.timeout_ms, 250);
         assert!(!config.inject_include_usage);
+        assert!(!config.strip_injected_usage_chunk);
         assert_eq!(
             (
                 config.settle_batch_max,
@@ -392,6 +399,7 @@ mod tests {
             ("settle_batch_max", json!(0)),
             ("outbox_capacity", json!(0)),
             ("inject_include_usage", json!("yes")),
+            ("strip_injected_usage_chunk", json!(1)),
         ];
         for (field, bad) in cases {
             let mut value = minimal();

@@ -6,6 +6,7 @@
 //! - `request`: request body parsing (model, stream, output cap), prompt estimate, usage injection.
 //! - `sse`: incremental Server-Sent Events parser with bounded memory.
 //! - `usage`: per-provider usage extraction from SSE events and JSON bodies.
+//! - `strip`: removal of the usage chunk the filter asked for, from what the client sees.
 //! - `estimate`: token estimation when a provider reports no usage.
 //! - `meter`: one response's metering (feeds bytes, reports usage at any point).
 //! - `errors`: error bodies in each provider's own shape.
@@ -22,7 +23,11 @@ pub mod meter;
 pub mod outbox;
 pub mod request;
 pub mod sse;
+pub mod strip;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod host;
+
+#[cfg(test)]
+mod fuzz_tests;

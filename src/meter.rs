@@ -173,6 +173,12 @@ impl ResponseMeter {
         }
     }
 
+    /// Bytes held for parsing: a partial SSE event, leading whitespace, or a JSON body.
+    /// At most `max_event_bytes`, 4 KiB and `max_json_body_bytes` respectively.
+    pub fn buffered_bytes(&self) -> usize {
+        self.sse.buffered_bytes() + self.undecided.len() + self.body.len()
+    }
+
     /// Pick SSE or JSON from the first significant byte; hold leading whitespace until then.
     fn decide(&mut self, chunk: &[u8]) {
         let significant = chunk

@@ -8,6 +8,19 @@ use llm_meter_protocol::Caller;
 use serde_json::{Map, Value};
 use std::fmt;
 
+/// Largest output cap accepted (per choice). No model writes this many tokens in one call: a
+/// larger cap is a client bug or an attempt to size a hold absurdly, answered with 400
+/// rather than clamped, so the caller learns its request was not what it meant.
+pub const MAX_OUTPUT_TOKENS: u64 = 100_000_000;
+const OUTPUT_TOKENS_RANGE: &str = "an integer from 0 to 100000000";
+/// Most choices or images (`n`) one call may ask for (OpenAI's own limit for `n`).
+pub const MAX_CHOICES: u64 = 128;
+const CHOICES_RANGE: &str = "an integer from 1 to 128";
+/// Longest model name, in characters (the ledger's key length).
+pub const MAX_MODEL_CHARS: usize = 191;
+/// serde_json refuses documents nested deeper than this.
+const JSON_DEPTH_LIMIT: usize = 128;
+
 /// What the request headers tell beyond the path.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RequestHints<'a> {
@@ -116,9 +129,18 @@ pub fn check_declared_length(
     content_length: Option<&str>,
     limit: usize,
 ) -> Result<(), RequestError> {
-    match content_length.and_then(|v| v.trim().parse::<u64>().ok()) {
-        Some(length) if length > limit as u64 => Err(RequestError::TooLarge { limit }),
-        _ => Ok(()),
+    let Some(declared) = content_length.map(str::trim) else {
+        return Ok(());
+    };
+    let too_large = match declared.parse::<u64>() {
+        Ok(length) => length > limit as u64,
+        // All digits yet no u64: a length beyond any limit.
+        Err(_) => !declared.is_empty() && declared.bytes().all(|b| b.is_ascii_digit()),
+    };
+    if too_large {
+        Err(RequestError::TooLarge { limit })
+    } else {
+        Ok(())
     }
 }
 
@@ -132,8 +154,7 @@ pub fn parse_request(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(RequestError::EmptyBody);
     }
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    let value: Value = serde_json::from_slice(body).map_err(json_error)?;
     let Value::Object(object) = value else {
         return Err(RequestError::NotAnObject);
     };
@@ -156,6 +177,16 @@ pub fn parse_request(
     })
 }
 
+fn json_error(err: serde_json::Error) -> RequestError {
+    let message = err.to_string();
+    if message.starts_with("recursion limit exceeded") {
+        return RequestError::InvalidJson(format!(
+            "it nests deeper than {JSON_DEPTH_LIMIT} levels ({message})"
+        ));
+    }
+    RequestError::InvalidJson(message)
+}
+
 /// OpenAI-compatible, Responses, embeddings, images and Anthropic: everything is in the body.
 fn read_body_model_format(
     format: ProviderFormat,
@@ -172,30 +203,30 @@ fn read_body_model_format(
             tally.add_value(body.get("prompt"));
             tally.add_json(body.get("tools"));
             tally.add_json(body.get("functions"));
-            let cap = match uint_field(body, "max_completion_tokens")? {
+            let cap = match output_cap(body, "max_completion_tokens")? {
                 Some(cap) => Some(cap),
-                None => uint_field(body, "max_tokens")?,
+                None => output_cap(body, "max_tokens")?,
             };
             // The cap is per choice: `n` choices may each reach it.
-            let choices = uint_field(body, "n")?.unwrap_or(1).max(1);
+            let choices = choice_count(body, "n")?.unwrap_or(1);
             max_output_tokens = cap.map(|c| c.saturating_mul(choices));
         }
         ProviderFormat::OpenAiResponses => {
             tally.add_value(body.get("instructions"));
             tally.add_value(body.get("input"));
             tally.add_json(body.get("tools"));
-            max_output_tokens = uint_field(body, "max_output_tokens")?;
+            max_output_tokens = output_cap(body, "max_output_tokens")?;
         }
         ProviderFormat::OpenAiEmbeddings => tally.add_embedding_input(body.get("input")),
         ProviderFormat::OpenAiImages => {
             tally.add_value(body.get("prompt"));
-            requested_images = Some(uint_field(body, "n")?.unwrap_or(1));
+            requested_images = Some(choice_count(body, "n")?.unwrap_or(1));
         }
         ProviderFormat::Anthropic => {
             tally.add_value(body.get("system"));
             tally.add_value(body.get("messages"));
             tally.add_json(body.get("tools"));
-            max_output_tokens = uint_field(body, "max_tokens")?;
+            max_output_tokens = output_cap(body, "max_tokens")?;
         }
         ProviderFormat::Gemini | ProviderFormat::DashScopeNative => {}
     }
@@ -219,6 +250,7 @@ fn read_gemini(body: &Map<String, Value>, path: &str) -> Result<MeteredRequest, 
     if model.is_empty() {
         return Err(RequestError::MissingModel);
     }
+    check_model_name(model)?;
     let mut tally = PromptTally::default();
     tally.add_value(body.get("contents"));
     tally.add_value(
@@ -229,9 +261,9 @@ fn read_gemini(body: &Map<String, Value>, path: &str) -> Result<MeteredRequest, 
     let generation =
         object_field(body, "generationConfig")?.or(object_field(body, "generation_config")?);
     let max_output_tokens = match generation {
-        Some(config) => match uint_field(config, "maxOutputTokens")? {
+        Some(config) => match output_cap(config, "maxOutputTokens")? {
             Some(cap) => Some(cap),
-            None => uint_field(config, "max_output_tokens")?,
+            None => output_cap(config, "max_output_tokens")?,
         },
         None => None,
     };
@@ -256,7 +288,9 @@ fn read_dashscope(
     let model = match body_model(body) {
         Ok(model) => model,
         Err(RequestError::MissingModel) => {
-            dashscope_app_model(hints.path).ok_or(RequestError::MissingModel)?
+            let model = dashscope_app_model(hints.path).ok_or(RequestError::MissingModel)?;
+            check_model_name(&model)?;
+            model
         }
         Err(other) => return Err(other),
     };
@@ -271,8 +305,8 @@ fn read_dashscope(
         Some(parameters) => {
             tally.add_json(parameters.get("tools"));
             (
-                uint_field(parameters, "max_tokens")?,
-                uint_field(parameters, "n")?,
+                output_cap(parameters, "max_tokens")?,
+                choice_count(parameters, "n")?,
             )
         }
         None => (None, None),
@@ -299,8 +333,53 @@ fn dashscope_app_model(path: &str) -> Option<String> {
 
 fn body_model(body: &Map<String, Value>) -> Result<String, RequestError> {
     match body.get("model") {
-        Some(Value::String(model)) if !model.trim().is_empty() => Ok(model.trim().to_string()),
+        Some(Value::String(model)) if !model.trim().is_empty() => {
+            let model = model.trim();
+            check_model_name(model)?;
+            Ok(model.to_string())
+        }
         _ => Err(RequestError::MissingModel),
+    }
+}
+
+/// The ledger keys calls by model name: it must be short and printable.
+fn check_model_name(model: &str) -> Result<(), RequestError> {
+    let printable = !model.chars().any(|c| c.is_control() || c.is_whitespace());
+    if printable && model.chars().count() <= MAX_MODEL_CHARS {
+        Ok(())
+    } else {
+        Err(RequestError::InvalidField {
+            field: "model",
+            expected: "a name of at most 191 characters without spaces or control characters",
+        })
+    }
+}
+
+/// An output token cap: `0..=MAX_OUTPUT_TOKENS`, or absent.
+fn output_cap(body: &Map<String, Value>, field: &'static str) -> Result<Option<u64>, RequestError> {
+    bounded_uint(body, field, 0, MAX_OUTPUT_TOKENS, OUTPUT_TOKENS_RANGE)
+}
+
+/// A number of choices or images: `1..=MAX_CHOICES`, or absent.
+fn choice_count(
+    body: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<u64>, RequestError> {
+    bounded_uint(body, field, 1, MAX_CHOICES, CHOICES_RANGE)
+}
+
+fn bounded_uint(
+    body: &Map<String, Value>,
+    field: &'static str,
+    min: u64,
+    max: u64,
+    expected: &'static str,
+) -> Result<Option<u64>, RequestError> {
+    match uint_field(body, field, expected)? {
+        Some(value) if value < min || value > max => {
+            Err(RequestError::InvalidField { field, expected })
+        }
+        other => Ok(other),
     }
 }
 
@@ -319,11 +398,12 @@ fn bool_field(
 }
 
 /// A non-negative integer (`1024` or `1024.0`), or absent/null.
-fn uint_field(body: &Map<String, Value>, field: &'static str) -> Result<Option<u64>, RequestError> {
-    let invalid = RequestError::InvalidField {
-        field,
-        expected: "a non-negative integer",
-    };
+fn uint_field(
+    body: &Map<String, Value>,
+    field: &'static str,
+    expected: &'static str,
+) -> Result<Option<u64>, RequestError> {
+    let invalid = RequestError::InvalidField { field, expected };
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
@@ -822,6 +902,257 @@ mod tests {
         let err = parse_err(ProviderFormat::OpenAiChat, br#"{"model":"m","stream":1}"#);
         assert_eq!(err.http_status(), 400);
         assert!(err.to_string().contains("`stream`"), "{err}");
+    }
+
+    fn invalid_field(format: ProviderFormat, path: &str, body: &[u8]) -> (&'static str, String) {
+        match parse_request(format, &hints(path), body, true) {
+            Err(err @ RequestError::InvalidField { field, .. }) => {
+                assert_eq!(err.http_status(), 400);
+                (field, err.to_string())
+            }
+            other => panic!("{other:?} for {}", String::from_utf8_lossy(body)),
+        }
+    }
+
+    #[test]
+    fn hostile_output_caps_are_clear_400s() {
+        let chat = "/v1/chat/completions";
+        let bad_caps = [
+            "-1",
+            "-0.5",
+            "1.5",
+            "\"10\"",
+            "true",
+            "[10]",
+            "{}",
+            "100000001",
+            "1e9",
+            "1e300",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+        ];
+        for cap in bad_caps {
+            for field in ["max_tokens", "max_completion_tokens"] {
+                let body = format!(r#"{{"model":"m","messages":[],"{field}":{cap}}}"#);
+                let (got, message) =
+                    invalid_field(ProviderFormat::OpenAiChat, chat, body.as_bytes());
+                assert_eq!(got, field, "{body}");
+                assert!(message.contains("0 to 100000000"), "{message}");
+            }
+        }
+        let largest = format!(r#"{{"model":"m","max_tokens":{MAX_OUTPUT_TOKENS}}}"#);
+        let parsed = parse_request(
+            ProviderFormat::Anthropic,
+            &hints("/v1/messages"),
+            largest.as_bytes(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(parsed.request.max_output_tokens, Some(MAX_OUTPUT_TOKENS));
+        assert_eq!(
+            OUTPUT_TOKENS_RANGE,
+            format!("an integer from 0 to {MAX_OUTPUT_TOKENS}")
+        );
+        let gemini = br#"{"contents":[],"generationConfig":{"maxOutputTokens":-3}}"#;
+        let (field, _) = invalid_field(
+            ProviderFormat::Gemini,
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            gemini,
+        );
+        assert_eq!(field, "maxOutputTokens");
+        let dashscope = br#"{"model":"qwen-max","parameters":{"max_tokens":1e12}}"#;
+        let (field, _) = invalid_field(
+            ProviderFormat::DashScopeNative,
+            "/api/v1/services/aigc/text-generation/generation",
+            dashscope,
+        );
+        assert_eq!(field, "max_tokens");
+    }
+
+    #[test]
+    fn hostile_choice_and_image_counts_are_clear_400s() {
+        for n in ["0", "129", "1000000", "-1", "2.5", "\"3\"", "1e20"] {
+            let images = format!(r#"{{"model":"dall-e-3","prompt":"x","n":{n}}}"#);
+            let (field, message) = invalid_field(
+                ProviderFormat::OpenAiImages,
+                "/v1/images/generations",
+                images.as_bytes(),
+            );
+            assert_eq!(field, "n");
+            assert!(message.contains("1 to 128"), "{message}");
+            let chat = format!(r#"{{"model":"m","max_tokens":10,"n":{n}}}"#);
+            let (field, _) = invalid_field(
+                ProviderFormat::OpenAiChat,
+                "/v1/chat/completions",
+                chat.as_bytes(),
+            );
+            assert_eq!(field, "n");
+            let wanx = format!(
+                r#"{{"model":"wanx-v1","input":{{"prompt":"c"}},"parameters":{{"n":{n}}}}}"#
+            );
+            let (field, _) = invalid_field(
+                ProviderFormat::DashScopeNative,
+                "/api/v1/services/aigc/text2image/image-synthesis",
+                wanx.as_bytes(),
+            );
+            assert_eq!(field, "n");
+        }
+        assert_eq!(CHOICES_RANGE, format!("an integer from 1 to {MAX_CHOICES}"));
+        // The largest cap times the most choices still fits the ledger's per-call limit.
+        let body = format!(r#"{{"model":"m","max_tokens":{MAX_OUTPUT_TOKENS},"n":{MAX_CHOICES}}}"#);
+        let parsed = parse_request(
+            ProviderFormat::OpenAiChat,
+            &hints("/v1/chat/completions"),
+            body.as_bytes(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.request.max_output_tokens,
+            Some(MAX_OUTPUT_TOKENS * MAX_CHOICES)
+        );
+    }
+
+    #[test]
+    fn missing_or_odd_models_are_clear_400s() {
+        let missing: [&[u8]; 7] = [
+            br#"{"messages":[]}"#,
+            br#"{"model":null}"#,
+            br#"{"model":""}"#,
+            br#"{"model":"   "}"#,
+            br#"{"model":["gpt-4o"]}"#,
+            br#"{"model":{"name":"gpt-4o"}}"#,
+            br#"{"model":false}"#,
+        ];
+        for body in missing {
+            let err = parse_err(ProviderFormat::OpenAiChat, body);
+            assert_eq!(err, RequestError::MissingModel);
+            assert_eq!(err.http_status(), 400);
+        }
+        let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_CHARS + 1));
+        let odd = [
+            long,
+            r#"{"model":"gpt 4o"}"#.to_string(),
+            r#"{"model":"gpt\u0000"}"#.to_string(),
+            r#"{"model":"a\nb"}"#.to_string(),
+        ];
+        for body in odd {
+            let (field, message) =
+                invalid_field(ProviderFormat::Anthropic, "/v1/messages", body.as_bytes());
+            assert_eq!(field, "model");
+            assert!(message.contains("191"), "{message}");
+        }
+        let longest = format!(r#"{{"model":"{}"}}"#, "模".repeat(MAX_MODEL_CHARS));
+        let parsed = parse(
+            ProviderFormat::Anthropic,
+            "/v1/messages",
+            serde_json::from_str(&longest).unwrap(),
+        );
+        assert_eq!(parsed.request.model.chars().count(), MAX_MODEL_CHARS);
+        let path = format!("/v1beta/models/{}:generateContent", "g".repeat(300));
+        let (field, _) = invalid_field(ProviderFormat::Gemini, &path, b"{}");
+        assert_eq!(field, "model");
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects_are_clear_400s() {
+        let not_objects: [&[u8]; 6] = [
+            b"[]",
+            b"null",
+            b"42",
+            b"\"text\"",
+            b"true",
+            b"[{\"model\":\"m\"}]",
+        ];
+        for body in not_objects {
+            let err = parse_err(ProviderFormat::OpenAiChat, body);
+            assert_eq!(
+                err,
+                RequestError::NotAnObject,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(err.http_status(), 400);
+        }
+        let not_json: [&[u8]; 7] = [
+            b"\xEF\xBB\xBF{\"model\":\"m\"}",
+            b"{\"model\":\"m\"} trailing",
+            b"{\"model\":\"\xFF\xFE\"}",
+            b"\0",
+            b"{\"model\":\"m\",}",
+            b"{\"model\":\"m\",\"max_tokens\":1e400}",
+            b"{\"model\":\"m\",\"messages\":[{\"content\":\"\\ud800\"}]",
+        ];
+        for body in not_json {
+            let err = parse_err(ProviderFormat::OpenAiChat, body);
+            assert!(matches!(err, RequestError::InvalidJson(_)), "{err:?}");
+            assert_eq!(err.http_status(), 400);
+            assert!(err
+                .to_string()
+                .starts_with("request body is not valid JSON"));
+        }
+    }
+
+    #[test]
+    fn deeply_nested_json_is_a_clear_400_not_a_stack_overflow() {
+        for depth in [129, 10_000, 1_000_000] {
+            let body = format!(
+                r#"{{"model":"m","messages":{}{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            let err = parse_err(ProviderFormat::OpenAiChat, body.as_bytes());
+            assert_eq!(err.http_status(), 400);
+            assert!(
+                err.to_string().contains("nests deeper than 128 levels"),
+                "{err}"
+            );
+            let objects = "{\"a\":".repeat(depth) + &"}".repeat(depth);
+            let err = parse_err(ProviderFormat::Anthropic, objects.as_bytes());
+            assert!(err.to_string().contains("nests deeper"), "{err}");
+        }
+        // Just inside the limit: parsed, and the prompt walk copes with the depth.
+        let body = format!(
+            r#"{{"model":"m","messages":{}"deep"{}}}"#,
+            "[".repeat(120),
+            "]".repeat(120)
+        );
+        let parsed = parse_request(
+            ProviderFormat::OpenAiChat,
+            &hints("/v1/chat/completions"),
+            body.as_bytes(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.request.estimated_input_tokens,
+            estimate_tokens("deep")
+        );
+    }
+
+    #[test]
+    fn huge_bodies_are_parsed_or_refused_by_size() {
+        let text = "x".repeat(4 * 1024 * 1024);
+        let body =
+            json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": text}]});
+        let parsed = parse(ProviderFormat::OpenAiChat, "/v1/chat/completions", body);
+        assert_eq!(
+            parsed.request.estimated_input_tokens,
+            estimate_tokens(&text)
+        );
+        assert!(parsed.rewritten_body.is_some());
+        let many = json!({"model": "m", "input": vec![json!([1, 2]); 100_000]});
+        let embedded = parse(ProviderFormat::OpenAiEmbeddings, "/v1/embeddings", many);
+        assert_eq!(embedded.request.estimated_input_tokens, 200_000);
+        for length in ["1048577", "99999999999999999999", "18446744073709551616"] {
+            let err = check_declared_length(Some(length), 1024 * 1024).unwrap_err();
+            assert_eq!(err.http_status(), 413, "{length}");
+        }
+        for unreadable in ["-1", "", "1e6", "0x10"] {
+            // Not a length Envoy would forward; the body size check still applies.
+            assert!(check_declared_length(Some(unreadable), 10).is_ok());
+        }
     }
 
     #[test]

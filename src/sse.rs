@@ -15,10 +15,12 @@
 //!   `data:` line starts a new event. Used for DashScope native streams, which some captures
 //!   show without blank lines between events.
 //!
-//! Memory: the partial line plus the current event's data never exceed `max_event_bytes`
-//! (allocated capacity stays below twice that, and is shrunk back to 64 KiB after a large
-//! event). An event that would exceed it is skipped (its bytes are discarded as they
-//! arrive) and counted in [`SseParser::oversized_events`].
+//! Memory: the current event's data never exceeds `max_event_bytes`, and the partial line
+//! adds at most [`LINE_OVERHEAD_BYTES`] (a data line's `data: ` prefix, or the head of
+//! another line: only its first bytes can matter). Allocated capacity is shrunk back to
+//! 64 KiB after a large event. An event whose data would exceed the cap is skipped (its
+//! bytes are discarded as they arrive) and counted in [`SseParser::oversized_events`].
+//! The cap applies to the joined data, so where chunks are cut never changes the events.
 
 /// One dispatched event. `data` holds the joined `data:` lines (not necessarily UTF-8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,13 +32,41 @@ pub struct SseEvent<'a> {
     pub data_lines: u32,
 }
 
-/// Smallest accepted cap, so a field name always fits before a line is judged oversized.
+/// Smallest accepted cap.
 const MIN_EVENT_BYTES: usize = 64;
 /// Longest `event:` value kept; longer names cannot match any known type anyway.
 const MAX_EVENT_TYPE_BYTES: usize = 128;
+/// What a partial line may hold beyond the cap: a BOM, `event: ` and the longest kept
+/// event type (a data line's BOM and `data: ` prefix is shorter).
+pub const LINE_OVERHEAD_BYTES: usize = BOM.len() + b"event: ".len() + MAX_EVENT_TYPE_BYTES;
+/// Enough of a line to tell a data line (and its prefix) from any other.
+const CLASSIFY_BYTES: usize = 16;
 /// Buffers grown by one large event are shrunk back to this after it is dispatched.
 const RETAINED_CAPACITY: usize = 64 * 1024;
 const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// What the start of a line says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineKind {
+    /// Too short to tell (a prefix of an optional BOM and `data`).
+    Undetermined,
+    /// A `data` field whose value starts after `prefix` bytes.
+    Data { prefix: usize },
+    /// A comment or another field: only its head matters.
+    Other,
+}
+
+/// The partial line held across chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartialLine {
+    /// Its bytes so far are in `partial_line`.
+    Open,
+    /// Not a data line and longer than its head: the head is kept, the rest ignored.
+    Truncated,
+    /// A data line that overflowed the cap: its event is already marked oversized and
+    /// the rest of the line is ignored.
+    Consumed,
+}
 
 #[derive(Debug)]
 pub struct SseParser {
@@ -44,8 +74,7 @@ pub struct SseParser {
     implicit_boundaries: bool,
     /// Bytes of a line whose end has not arrived yet.
     partial_line: Vec<u8>,
-    /// The current line outgrew the cap: its remaining bytes are dropped until its end.
-    discarding_line: bool,
+    partial_state: PartialLine,
     /// The previous chunk ended with CR: an LF at the start of the next one ends no line.
     pending_cr: bool,
     /// No line has been completed yet (where a BOM may stand).
@@ -64,7 +93,7 @@ impl SseParser {
             max_event_bytes: max_event_bytes.max(MIN_EVENT_BYTES),
             implicit_boundaries: false,
             partial_line: Vec::new(),
-            discarding_line: false,
+            partial_state: PartialLine::Open,
             pending_cr: false,
             at_stream_start: true,
             data: Vec::new(),
@@ -86,7 +115,8 @@ impl SseParser {
         self.oversized_events
     }
 
-    /// Bytes currently held (partial line + current event data); never above the cap.
+    /// Bytes currently held (partial line + current event data); never above
+    /// `max_event_bytes + LINE_OVERHEAD_BYTES`.
     pub fn buffered_bytes(&self) -> usize {
         self.partial_line.len() + self.data.len()
     }
@@ -119,57 +149,118 @@ impl SseParser {
     /// The body ended: a last line without terminator and a last event without its blank
     /// line are processed as if they had been terminated.
     pub fn finish(&mut self, on_event: &mut impl FnMut(SseEvent<'_>)) {
-        if !self.partial_line.is_empty() || self.discarding_line {
+        if !self.partial_line.is_empty() || self.partial_state != PartialLine::Open {
             self.complete_line(&[], on_event);
         }
         self.pending_cr = false;
         self.dispatch(on_event);
     }
 
+    /// Hold the start of a line whose end has not arrived, as little of it as matters.
     fn keep_partial(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() || self.discarding_line {
+        if bytes.is_empty() || self.partial_state != PartialLine::Open {
             return;
         }
-        if self.buffered_bytes() + bytes.len() > self.max_event_bytes {
-            self.drop_overlong_line(bytes);
-            self.discarding_line = true;
-            return;
+        let total = self.partial_line.len() + bytes.len();
+        match self.classify(&self.line_head(bytes)) {
+            LineKind::Undetermined => self.partial_line.extend_from_slice(bytes),
+            LineKind::Data { prefix } => {
+                if self.data_overflows(total - prefix) {
+                    self.overflow_data_line();
+                    self.partial_line.clear();
+                    self.partial_state = PartialLine::Consumed;
+                } else {
+                    self.partial_line.extend_from_slice(bytes);
+                }
+            }
+            LineKind::Other => {
+                let room = LINE_OVERHEAD_BYTES.saturating_sub(self.partial_line.len());
+                self.partial_line
+                    .extend_from_slice(&bytes[..bytes.len().min(room)]);
+                if total > LINE_OVERHEAD_BYTES {
+                    self.partial_state = PartialLine::Truncated;
+                }
+            }
         }
-        self.partial_line.extend_from_slice(bytes);
     }
 
-    /// A line too long to keep is dropped; if it carries data, its whole event is lost.
-    /// `more` continues the bytes already in `partial_line`.
-    fn drop_overlong_line(&mut self, more: &[u8]) {
-        let head: Vec<u8> = self
-            .partial_line
+    /// The first bytes of the held partial line followed by `more`.
+    fn line_head(&self, more: &[u8]) -> Vec<u8> {
+        self.partial_line
             .iter()
             .chain(more)
-            .take(BOM.len() + 4)
+            .take(CLASSIFY_BYTES)
             .copied()
-            .collect();
-        self.partial_line.clear();
-        if self.strip_bom(&head).starts_with(b"data") {
-            self.event_oversized = true;
-            self.data.clear();
+            .collect()
+    }
+
+    fn classify(&self, head: &[u8]) -> LineKind {
+        let body = if self.at_stream_start {
+            if BOM.starts_with(head) {
+                return LineKind::Undetermined;
+            }
+            head.strip_prefix(BOM).unwrap_or(head)
+        } else {
+            head
+        };
+        if b"data".starts_with(body) {
+            return LineKind::Undetermined;
         }
+        match body.strip_prefix(b"data:") {
+            Some(value) => LineKind::Data {
+                prefix: head.len() - body.len() + 5 + usize::from(value.first() == Some(&b' ')),
+            },
+            None => LineKind::Other,
+        }
+    }
+
+    /// Whether appending a data value of `value_len` bytes would exceed the cap.
+    fn data_overflows(&self, value_len: usize) -> bool {
+        if self.event_oversized {
+            return true;
+        }
+        let separator = usize::from(self.data_lines > 0);
+        self.data.len() + separator + value_len > self.max_event_bytes
+    }
+
+    /// A data line too long for the cap: its event is lost (as `append_data` would decide).
+    fn overflow_data_line(&mut self) {
+        self.data_lines = self.data_lines.saturating_add(1);
+        self.event_oversized = true;
+        self.data.clear();
     }
 
     fn complete_line(&mut self, tail: &[u8], on_event: &mut impl FnMut(SseEvent<'_>)) {
-        if self.discarding_line {
-            self.discarding_line = false;
-        } else if self.partial_line.is_empty() {
-            self.process_line(tail, on_event);
-        } else if self.buffered_bytes() + tail.len() > self.max_event_bytes {
-            self.drop_overlong_line(tail);
-        } else {
-            let mut line = std::mem::take(&mut self.partial_line);
-            line.extend_from_slice(tail);
-            self.process_line(&line, on_event);
-            line.clear();
-            self.partial_line = line;
+        match self.partial_state {
+            PartialLine::Consumed => {}
+            PartialLine::Truncated => self.process_partial(&[], on_event),
+            PartialLine::Open if self.partial_line.is_empty() => self.process_line(tail, on_event),
+            PartialLine::Open => {
+                let total = self.partial_line.len() + tail.len();
+                match self.classify(&self.line_head(tail)) {
+                    LineKind::Data { prefix } if self.data_overflows(total - prefix) => {
+                        self.overflow_data_line();
+                        self.partial_line.clear();
+                    }
+                    LineKind::Other if total > LINE_OVERHEAD_BYTES => {
+                        let room = LINE_OVERHEAD_BYTES.saturating_sub(self.partial_line.len());
+                        self.process_partial(&tail[..tail.len().min(room)], on_event);
+                    }
+                    _ => self.process_partial(tail, on_event),
+                }
+            }
         }
+        self.partial_state = PartialLine::Open;
         self.at_stream_start = false;
+    }
+
+    /// Process the held partial line followed by `tail`, then keep its buffer for reuse.
+    fn process_partial(&mut self, tail: &[u8], on_event: &mut impl FnMut(SseEvent<'_>)) {
+        let mut line = std::mem::take(&mut self.partial_line);
+        line.extend_from_slice(tail);
+        self.process_line(&line, on_event);
+        line.clear();
+        self.partial_line = line;
     }
 
     fn strip_bom<'l>(&self, line: &'l [u8]) -> &'l [u8] {
@@ -217,19 +308,14 @@ impl SseParser {
     }
 
     fn append_data(&mut self, value: &[u8]) {
-        self.data_lines = self.data_lines.saturating_add(1);
-        if self.event_oversized {
+        if self.data_overflows(value.len()) {
+            self.overflow_data_line();
             return;
         }
-        let separator = usize::from(self.data_lines > 1);
-        if self.data.len() + separator + value.len() > self.max_event_bytes {
-            self.event_oversized = true;
-            self.data.clear();
-            return;
-        }
-        if separator == 1 {
+        if self.data_lines > 0 {
             self.data.push(b'\n');
         }
+        self.data_lines = self.data_lines.saturating_add(1);
         self.data.extend_from_slice(value);
     }
 
@@ -423,7 +509,7 @@ mod tests {
         parser.feed(b"data: small\n\nevent: big\ndata: ", &mut collect);
         for _ in 0..10_000 {
             parser.feed(&[b'x'; 100], &mut collect);
-            assert!(parser.buffered_bytes() <= cap);
+            assert!(parser.buffered_bytes() <= cap + LINE_OVERHEAD_BYTES);
         }
         parser.feed(
             b"\ndata: more of the big event\n\ndata: after\n\n",
@@ -480,10 +566,34 @@ mod tests {
     }
 
     #[test]
+    fn events_near_the_cap_do_not_depend_on_chunking() {
+        // The cap counts the joined data, not the `data: ` prefix nor a BOM, however the
+        // line is cut; a long event name keeps its first 128 bytes either way.
+        let cap = 64;
+        let long_type = "t".repeat(300);
+        for value_len in [cap - 2, cap, cap + 1] {
+            let value = "v".repeat(value_len);
+            let input = format!("\u{FEFF}event: {long_type}\ndata: {value}\n\ndata: ok\n\n");
+            let whole = parse_chunks(&mut SseParser::new(cap), &[input.as_bytes()]);
+            if value_len <= cap {
+                assert_eq!(whole.len(), 2);
+                assert_eq!(whole[0].event_type, "t".repeat(128));
+            } else {
+                assert_eq!(whole, vec![ev("", "ok")]);
+            }
+            let bytes = input.as_bytes();
+            for cut in 0..=bytes.len() {
+                let got = parse_chunks(&mut SseParser::new(cap), &[&bytes[..cut], &bytes[cut..]]);
+                assert_eq!(got, whole, "value {value_len}, cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic() {
         let junk: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
         let mut parser = SseParser::new(64);
         let _ = parse_chunks(&mut parser, &[&junk[..1234], &junk[1234..]]);
-        assert!(parser.buffered_bytes() <= 64);
+        assert!(parser.buffered_bytes() <= 64 + LINE_OVERHEAD_BYTES);
     }
 }

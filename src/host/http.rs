@@ -8,6 +8,7 @@ use crate::format::ProviderFormat;
 use crate::lifecycle::{self, Admission, CallRecord, Ending, ObservedResponse};
 use crate::meter::{MeterLimits, ResponseMeter};
 use crate::request::{self, MeteredRequest, RequestError, RequestHints};
+use crate::strip::InjectedUsageStripper;
 use llm_meter_protocol::{
     AuthorizeRequest, Caller, Finalize, VoidRequest, HEADER_SECRET, PATH_AUTHORIZE,
 };
@@ -42,9 +43,13 @@ struct Forwarded {
     format: ProviderFormat,
     record: CallRecord,
     stream_requested: bool,
+    /// The filter set `include_usage`; the client did not ask for it.
+    usage_injected: bool,
     status: Option<u16>,
     streaming: bool,
     meter: Option<ResponseMeter>,
+    /// Removes the injected usage chunk from what the client receives.
+    stripper: Option<InjectedUsageStripper>,
 }
 
 pub struct MeterHttp {
@@ -227,9 +232,11 @@ impl MeterHttp {
             format: pending.format,
             record,
             stream_requested: request.stream,
+            usage_injected: request.usage_injected,
             status: None,
             streaming: request.stream,
             meter: None,
+            stripper: None,
         }));
         if paused {
             self.resume_http_request();
@@ -469,6 +476,12 @@ impl HttpContext for MeterHttp {
                 max_json_body_bytes: config.max_response_json_bytes,
             },
         ));
+        let success = status.is_some_and(|s| (200..300).contains(&s));
+        if config.strip_injected_usage_chunk && call.usage_injected && event_stream && success {
+            call.stripper = Some(InjectedUsageStripper::new(config.max_event_bytes));
+            // The client receives fewer bytes than the provider sent.
+            self.set_http_response_header("content-length", None);
+        }
         if end_of_stream {
             self.finalize(Ending::Complete);
         }
@@ -484,10 +497,23 @@ impl HttpContext for MeterHttp {
         } else {
             None
         };
-        if let (Phase::Forwarded(call), Some(chunk)) = (&mut self.phase, chunk) {
+        let mut replacement = None;
+        if let Phase::Forwarded(call) = &mut self.phase {
+            let chunk = chunk.unwrap_or_default();
             if let Some(meter) = call.meter.as_mut() {
                 meter.feed(&chunk);
             }
+            if let Some(stripper) = call.stripper.as_mut() {
+                let stripped_before = stripper.stripped_events();
+                replacement = stripper.feed(&chunk, end_of_stream);
+                if let Some(shared) = &self.shared {
+                    let stripped = stripper.stripped_events() - stripped_before;
+                    shared.metrics.usage_chunks_stripped.add(stripped);
+                }
+            }
+        }
+        if let Some(bytes) = replacement {
+            self.set_http_response_body(0, body_size, &bytes);
         }
         if end_of_stream {
             self.finalize(Ending::Complete);
@@ -496,6 +522,17 @@ impl HttpContext for MeterHttp {
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Phase::Forwarded(call) = &self.phase {
+            let held = call.stripper.as_ref().map_or(0, |s| s.held_bytes());
+            if held > 0 {
+                // Body bytes cannot be added once trailers arrive: an event without its
+                // closing blank line (which SSE clients discard anyway) is not delivered.
+                log::warn!(
+                    "llm-meter: {}: {held} bytes of an unterminated last event withheld",
+                    call.record.request_id
+                );
+            }
+        }
         self.finalize(Ending::Complete);
         Action::Continue
     }

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub settlement_rejected: Counter,
     /// Items dropped because the outbox was full (or could not be drained at shutdown).
     pub outbox_dropped: Counter,
+    /// Injected usage-only chunks removed from what clients receive.
+    pub usage_chunks_stripped: Counter,
 }
 
 impl Metrics {
@@ -75,6 +77,7 @@ impl Metrics {
             settlement_retries: Counter::define("settlement_retries"),
             settlement_rejected: Counter::define("settlement_rejected"),
             outbox_dropped: Counter::define("outbox_dropped"),
+            usage_chunks_stripped: Counter::define("usage_chunks_stripped"),
         }
     }
 }
