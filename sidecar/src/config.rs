@@ -84,13 +84,13 @@ pub struct SettingsArgs {
         global = true,
         hide_env_values = true
     )]
-    pub shared_secret: Option<String>,
+    pub shared_secret: Option<Secret>,
     /// File holding the shared secret (alternative to METER_SHARED_SECRET).
     #[arg(long, env = "METER_SHARED_SECRET_FILE", global = true)]
     pub shared_secret_file: Option<PathBuf>,
     /// Bearer token for the admin API.
     #[arg(long, env = "METER_ADMIN_TOKEN", global = true, hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// File holding the admin token (alternative to METER_ADMIN_TOKEN).
     #[arg(long, env = "METER_ADMIN_TOKEN_FILE", global = true)]
     pub admin_token_file: Option<PathBuf>,
@@ -154,9 +154,16 @@ fn parse_timezone(raw: &str) -> Result<Tz, String> {
         .map_err(|_| format!("unknown IANA time zone {raw:?} (e.g. Asia/Shanghai, UTC)"))
 }
 
-/// A secret value; `Debug`/`Display` never show it.
+/// A secret value; `Debug` never shows it and it has no `Display`, so it cannot reach a
+/// log line or an error message by accident (even through `Debug` of the parsed flags).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -210,12 +217,12 @@ impl SettingsArgs {
     pub fn serve_settings(&self) -> Result<ServeSettings, ConfigError> {
         let shared_secret = resolve_secret(
             "METER_SHARED_SECRET",
-            self.shared_secret.as_deref(),
+            self.shared_secret.as_ref(),
             self.shared_secret_file.as_deref(),
         )?;
         let admin_token = resolve_secret(
             "METER_ADMIN_TOKEN",
-            self.admin_token.as_deref(),
+            self.admin_token.as_ref(),
             self.admin_token_file.as_deref(),
         )?;
         positive("METER_HOLD_TTL_SECS", self.hold_ttl_secs)?;
@@ -263,13 +270,13 @@ fn positive(name: &'static str, value: u64) -> Result<(), ConfigError> {
 /// A secret from its variable or its file; trailing newlines of files are not part of it.
 fn resolve_secret(
     name: &'static str,
-    value: Option<&str>,
+    value: Option<&Secret>,
     file: Option<&Path>,
 ) -> Result<Secret, ConfigError> {
     let raw = match (value, file) {
         (Some(_), Some(_)) => return Err(ConfigError::Both { name }),
         (None, None) => return Err(ConfigError::Missing { name }),
-        (Some(value), None) => value.to_string(),
+        (Some(value), None) => value.expose().to_string(),
         (None, Some(path)) => {
             std::fs::read_to_string(path).map_err(|err| ConfigError::Unreadable {
                 name,
@@ -363,6 +370,17 @@ mod tests {
         assert_eq!(settings.admin_token.expose(), "from-file");
         assert_eq!(format!("{:?}", settings.admin_token), "Secret(***)");
         assert!(!format!("{settings:?}").contains("from-file"));
+        let from_flags = parse(&[
+            "--shared-secret",
+            "flag-secret-1",
+            "--admin-token",
+            "flag-token-2",
+        ]);
+        let printed = format!("{from_flags:?}");
+        assert!(
+            !printed.contains("flag-secret-1") && !printed.contains("flag-token-2"),
+            "{printed}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -3,6 +3,7 @@
 //! Subcommands: `serve` (default), `migrate`, `reconcile` (exit 1 on drift), `seed-demo`.
 //! Every setting is a flag or an environment variable; see `--help`.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -96,8 +97,10 @@ async fn connect(settings: &SettingsArgs) -> anyhow::Result<Db> {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only on a terminal: logs collected from a pipe or a file stay plain.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

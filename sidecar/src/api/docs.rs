@@ -82,7 +82,7 @@ pub struct Problem {
         admin::operations::reconcile,
     ),
     components(schemas(Problem)),
-    modifiers(&Security, &ProblemContentType),
+    modifiers(&Security, &ProblemContentType, &CommonProblems),
     tags(
         (name = "health", description = "Liveness, readiness, metrics"),
         (name = "internal", description = "The filter's calls (x-meter-secret)"),
@@ -149,4 +149,72 @@ impl Modify for ProblemContentType {
             }
         }
     }
+}
+
+/// Answers any operation may give besides its own: credential failures on secured
+/// operations, malformed input where there is input, and database trouble (500/503)
+/// everywhere but the process-local endpoints. Declared here once so the document lists
+/// every status the service can answer.
+struct CommonProblems;
+
+impl CommonProblems {
+    const PROCESS_LOCAL: [&'static str; 3] = ["/healthz", "/metrics", "/openapi.json"];
+}
+
+impl Modify for CommonProblems {
+    fn modify(&self, openapi: &mut OpenApiDoc) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let local = Self::PROCESS_LOCAL.contains(&path.as_str());
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let mut common: Vec<(&str, &str)> = Vec::new();
+                if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                    common.push(("401", "missing credentials"));
+                    common.push(("403", "wrong credentials"));
+                }
+                let has_parameters = operation.parameters.as_ref().is_some_and(|p| !p.is_empty());
+                let has_body = operation.request_body.is_some();
+                if has_parameters || has_body {
+                    common.push(("400", "malformed path, query or body"));
+                    common.push(("422", "invalid values or missing fields"));
+                }
+                if has_body {
+                    common.push(("413", "body too large"));
+                    common.push(("415", "the body is not `application/json`"));
+                }
+                if !local {
+                    common.push(("500", "internal error; nothing was applied"));
+                    common.push((
+                        "503",
+                        "database unavailable or busy; nothing was applied, retry",
+                    ));
+                }
+                for (status, description) in common {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| problem_response(description));
+                }
+            }
+        }
+    }
+}
+
+fn problem_response(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Response> {
+    use utoipa::openapi::{Content, Ref, ResponseBuilder};
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            PROBLEM_CONTENT_TYPE,
+            Content::new(Some(Ref::from_schema_name("Problem"))),
+        )
+        .build()
+        .into()
 }

@@ -13,10 +13,10 @@ use llm_meter_protocol::{
 };
 
 use super::docs::Problem;
-use super::problem::{ApiError, ApiJson, ApiResult};
+use super::problem::{database_unavailable, ApiError, ApiJson, ApiResult};
 use super::routes::{Method, RouteTable};
 use super::wire;
-use super::AppState;
+use super::{ledger_error_is_transient, AppState};
 use crate::ledger::{Ledger, LedgerError};
 
 /// Most items one finalize batch may carry.
@@ -37,7 +37,8 @@ pub fn routes() -> RouteTable<AppState> {
     responses(
         (status = 200, description = "allow or deny", body = wire::AuthorizeResponse),
         (status = 401, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem),
-        (status = 500, body = Problem)))]
+        (status = 500, body = Problem),
+        (status = 503, description = "database unavailable: apply the failure mode", body = Problem)))]
 pub async fn authorize(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<AuthorizeRequest>,
@@ -65,7 +66,8 @@ pub async fn authorize(
         (status = 200, body = wire::SettleResponse),
         (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 409, description = "a retry with other figures", body = Problem),
-        (status = 422, body = Problem), (status = 500, body = Problem)))]
+        (status = 422, body = Problem), (status = 500, body = Problem),
+        (status = 503, description = "database unavailable: retry later", body = Problem)))]
 pub async fn settle(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<SettleRequest>,
@@ -82,8 +84,10 @@ pub async fn settle(
     request_body = wire::VoidRequest,
     responses(
         (status = 200, body = wire::SettleResponse),
+        (status = 404, description = "no hold for this request id", body = Problem),
         (status = 401, body = Problem), (status = 403, body = Problem), (status = 409, body = Problem),
-        (status = 422, body = Problem), (status = 500, body = Problem)))]
+        (status = 422, body = Problem), (status = 500, body = Problem),
+        (status = 503, description = "database unavailable: retry later", body = Problem)))]
 pub async fn void(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<VoidRequest>,
@@ -115,8 +119,24 @@ pub async fn finalize(
     let ledger = state.ledger.clone();
     let results = tokio::spawn(async move {
         let mut results = Vec::with_capacity(batch.items.len());
+        let mut unreachable: Option<String> = None;
         for item in batch.items {
-            results.push(finalize_one(&ledger, item).await);
+            // Once the database is found unreachable, the rest of the batch is not tried
+            // (each would wait for the pool's acquire timeout): it all comes back later.
+            if let Some(error) = &unreachable {
+                results.push(FinalizeResult::Retry {
+                    request_id: item.request_id().to_string(),
+                    error: error.clone(),
+                });
+                continue;
+            }
+            let (result, down) = finalize_one(&ledger, item).await;
+            if down {
+                if let FinalizeResult::Retry { error, .. } = &result {
+                    unreachable = Some(error.clone());
+                }
+            }
+            results.push(result);
         }
         results
     })
@@ -133,32 +153,44 @@ pub async fn finalize(
     Ok(Json(FinalizeBatchResponse { results }))
 }
 
-async fn finalize_one(ledger: &Ledger, item: Finalize) -> FinalizeResult {
+/// One item's result, and whether it failed because the database is unreachable.
+async fn finalize_one(ledger: &Ledger, item: Finalize) -> (FinalizeResult, bool) {
     let request_id = item.request_id().to_string();
     if let Err(err) = check_request_id(&request_id) {
-        return FinalizeResult::Rejected {
+        let rejected = FinalizeResult::Rejected {
             request_id,
             error: err.detail.unwrap_or(err.title),
         };
+        return (rejected, false);
     }
     let result = match &item {
         Finalize::Settle(settle) => ledger.settle(settle).await,
         Finalize::Void(void) => ledger.void(void).await,
     };
     match result {
-        Ok(response) => FinalizeResult::Ok(response),
-        Err(err) if err.is_transient() => {
+        Ok(response) => (FinalizeResult::Ok(response), false),
+        Err(err) if ledger_error_is_transient(&err) => {
             tracing::warn!(%request_id, error = %err, "finalize item failed transiently");
-            FinalizeResult::Retry {
+            let retry = FinalizeResult::Retry {
                 request_id,
                 error: err.to_string(),
-            }
+            };
+            (retry, database_unreachable(&err))
         }
-        Err(err) => FinalizeResult::Rejected {
-            request_id,
-            error: err.to_string(),
-        },
+        Err(err) => {
+            let rejected = FinalizeResult::Rejected {
+                request_id,
+                error: err.to_string(),
+            };
+            (rejected, false)
+        }
     }
+}
+
+/// The database cannot be reached at all (as opposed to contention on some rows).
+fn database_unreachable(err: &LedgerError) -> bool {
+    matches!(err, LedgerError::Db(db_err)
+        if database_unavailable(db_err) && !crate::storage::is_transient(db_err))
 }
 
 /// Runs ledger work on its own task so that dropping the request does not cancel it.

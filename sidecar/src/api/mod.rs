@@ -77,7 +77,7 @@ impl From<CatalogError> for ApiError {
             CatalogError::NotFound(detail) => ApiError::not_found(detail),
             CatalogError::Conflict(detail) => ApiError::conflict(detail),
             CatalogError::Invalid(detail) => ApiError::unprocessable(detail),
-            CatalogError::Db(err) => ApiError::internal(err),
+            CatalogError::Db(err) => ApiError::database(err),
         }
     }
 }
@@ -153,7 +153,7 @@ impl From<LedgerError> for ApiError {
             LedgerError::Busy(detail) => {
                 ApiError::unavailable(format!("the ledger is busy, retry: {detail}"))
             }
-            err if err.is_transient() => {
+            err if ledger_error_is_transient(&err) => {
                 tracing::warn!(error = %err, "transient ledger error");
                 ApiError::unavailable(
                     "the database is temporarily unavailable; nothing was applied, retry",
@@ -161,5 +161,14 @@ impl From<LedgerError> for ApiError {
             }
             err => ApiError::internal(err),
         }
+    }
+}
+
+/// [`LedgerError::is_transient`], plus a database that is unreachable or shutting down
+/// (an open connection cut by a restart fails with a server error code, not an I/O error).
+pub fn ledger_error_is_transient(err: &LedgerError) -> bool {
+    match err {
+        LedgerError::Db(db_err) => err.is_transient() || problem::database_unavailable(db_err),
+        _ => err.is_transient(),
     }
 }

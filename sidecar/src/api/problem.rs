@@ -73,6 +73,17 @@ impl ApiError {
         )
     }
 
+    /// A database failure: 503 when the database is unreachable or busy (the caller retries
+    /// later, and the filter applies its failure mode), 500 otherwise.
+    pub fn database(err: sqlx::Error) -> Self {
+        if database_unavailable(&err) {
+            tracing::warn!(error = %err, "database unavailable");
+            Self::unavailable("the database is temporarily unavailable; nothing was applied, retry")
+        } else {
+            Self::internal(err)
+        }
+    }
+
     /// The problem type: a stable URN per status so clients can switch on it.
     fn kind(&self) -> String {
         let slug = match self.status {
@@ -112,6 +123,42 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        ApiError::database(err)
+    }
+}
+
+/// True when `err` means the database cannot be reached or is shutting down, or is busy
+/// (contention): nothing was applied and the same call may succeed later.
+pub fn database_unavailable(err: &sqlx::Error) -> bool {
+    use sqlx::Error;
+    if crate::storage::is_transient(err) {
+        return true;
+    }
+    match err {
+        Error::PoolTimedOut | Error::PoolClosed | Error::Io(_) | Error::WorkerCrashed => true,
+        Error::Database(db) => {
+            if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                // Too many connections, server shutdown, connection killed, idle disconnect.
+                return matches!(mysql.number(), 1040 | 1053 | 1927 | 4031);
+            }
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                // Class 08 connection exception, 57P01-03 shutdown / starting up, 53300 too
+                // many connections.
+                let code = db.code().unwrap_or_default();
+                return code.starts_with("08")
+                    || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300");
+            }
+            false
+        }
+        _ => false,
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

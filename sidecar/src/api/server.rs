@@ -12,7 +12,7 @@ use crate::config::ServeSettings;
 use crate::jobs::{JobSettings, Jobs};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::storage::Db;
+use crate::storage::{redact_url, Db};
 
 /// Serve until `shutdown` resolves, then stop accepting, finish in-flight requests (at most
 /// `shutdown_grace`), stop the jobs and close the database.
@@ -20,7 +20,9 @@ pub async fn serve(
     settings: ServeSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let db = Db::connect(&settings.database_url).await?;
+    let db = Db::connect(&settings.database_url).await.map_err(|err| {
+        anyhow::anyhow!("cannot open {}: {err}", redact_url(&settings.database_url))
+    })?;
     let report = db.migrate().await?;
     tracing::info!(schema_version = report.current, applied = ?report.applied, "database ready");
     let listener = TcpListener::bind(settings.listen).await?;

@@ -1091,3 +1091,114 @@ async fn server_serves_and_stops_gracefully() {
     );
     test_db.cleanup().await;
 }
+
+#[tokio::test]
+async fn replayed_settlement_with_other_figures_is_409() {
+    for app in apps().await {
+        app.seed_priced_model().await;
+        grant_text(&app, "ivy", 100_000).await;
+        let (_, auth) = app
+            .internal(
+                llm_meter_protocol::PATH_AUTHORIZE,
+                json!({"request_id": "rp-1", "caller": {"user_id": "ivy"}, "provider": "openai",
+                    "model": "m1", "estimated_input_tokens": 10, "max_output_tokens": 10}),
+            )
+            .await;
+        assert_eq!(auth["decision"], "allow", "{auth}");
+        let settle = |output: u64, user: &str| {
+            json!({"request_id": "rp-1", "caller": {"user_id": user}, "provider": "openai",
+                "model": "m1", "outcome": "completed", "usage": {"input_tokens": 10, "output_tokens": output}})
+        };
+        let (status, first) = app
+            .internal(llm_meter_protocol::PATH_SETTLE, settle(5, "ivy"))
+            .await;
+        assert_eq!(
+            (status, first["status"].as_str()),
+            (StatusCode::OK, Some("settled")),
+            "{first}"
+        );
+        let (status, same) = app
+            .internal(llm_meter_protocol::PATH_SETTLE, settle(5, "ivy"))
+            .await;
+        assert_eq!(
+            (status, same["status"].as_str()),
+            (StatusCode::OK, Some("already_settled")),
+            "{same}"
+        );
+        assert_eq!(same["charged"], first["charged"]);
+        // Other figures, or a void after the settlement: 409 problems.
+        for (path, body) in [
+            (llm_meter_protocol::PATH_SETTLE, settle(500, "ivy")),
+            (llm_meter_protocol::PATH_SETTLE, settle(6, "ivy")),
+            (
+                llm_meter_protocol::PATH_VOID,
+                json!({"request_id": "rp-1", "reason": "late void"}),
+            ),
+        ] {
+            let request = Request::post(path)
+                .header(HEADER_SECRET, SECRET)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let (status, content_type, problem) = app.send(request).await;
+            assert_eq!(
+                status,
+                StatusCode::CONFLICT,
+                "{:?} {body}: {problem}",
+                app.db.backend
+            );
+            assert_eq!(content_type, "application/problem+json");
+            assert_eq!(problem["type"], "urn:llm-meter:problem:conflict");
+            assert!(
+                problem["detail"].as_str().unwrap().contains("rp-1"),
+                "the detail names the request: {problem}"
+            );
+        }
+        // Nothing moved: charged once, with the first figures.
+        assert_eq!(text_quota(&quotas_of(&app, "ivy").await)["used"], 15);
+        app.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn a_grant_whose_audit_row_was_lost_gets_it_from_the_repeat() {
+    for app in apps().await {
+        let grant = json!({"user_id": "jon", "quota_type": "text_token", "amount": 500,
+            "source_id": "lost-audit-1"});
+        let (status, _) = app
+            .admin("POST", "/admin/v1/grants", Some(grant.clone()))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        // The ledger committed the grant; its audit row did not make it.
+        let sql = app
+            .db
+            .db
+            .sql("DELETE FROM admin_audit WHERE action = 'grant.create' AND target_id = ?");
+        sqlx::query(&sql)
+            .bind("admin_grant:lost-audit-1")
+            .execute(app.db.db.pool())
+            .await
+            .unwrap();
+        let audit_rows = || async {
+            let (_, audit) = app
+                .admin("GET", "/admin/v1/audit?action=grant.create", None)
+                .await;
+            audit["items"].as_array().unwrap().clone()
+        };
+        assert!(audit_rows().await.is_empty());
+        for _ in 0..2 {
+            let (status, body) = app
+                .admin("POST", "/admin/v1/grants", Some(grant.clone()))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["created"], false);
+            let rows = audit_rows().await;
+            assert_eq!(rows.len(), 1, "{:?}: {rows:?}", app.db.backend);
+            assert_eq!(rows[0]["actor"], "tester");
+            assert_eq!(rows[0]["target_id"], "admin_grant:lost-audit-1");
+            assert!(rows[0]["created_at"].as_i64().unwrap() > 0);
+        }
+        assert_eq!(text_quota(&quotas_of(&app, "jon").await)["granted"], 500);
+        app.finish().await;
+    }
+}

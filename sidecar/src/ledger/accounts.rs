@@ -9,7 +9,7 @@
 use sqlx::{AnyConnection, Row};
 
 use super::LedgerError;
-use crate::storage::{Db, Dialect};
+use crate::storage::{Batch, Db, Dialect, Value};
 
 /// An account row, locked for the rest of the transaction; changed in memory and written
 /// back once by [`save_account`].
@@ -145,6 +145,23 @@ pub(super) async fn save_account(
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// Queues the account's new state into `batch` (see [`save_account`]).
+pub(super) fn save_account_in(batch: &mut Batch, account: &Account, now: i64) {
+    batch.push(
+        "UPDATE ledger_accounts SET balance = ?, held = ?, debt = ?, next_event_at = ?, \
+         updated_at = ? WHERE user_id = ? AND quota_type = ?",
+        vec![
+            account.balance.into(),
+            account.held.into(),
+            account.debt.into(),
+            account.next_event_at.into(),
+            now.into(),
+            account.user_id.as_str().into(),
+            account.quota_type.as_str().into(),
+        ],
+    );
 }
 
 /// Burn order: priority (lower first), soonest expiry (never-expiring last), oldest.
@@ -377,14 +394,18 @@ async fn take_from_lot(
     Ok(())
 }
 
-/// Burns `units` from the account's active lots in burn order (one `settle` row per lot).
+/// Burns `units` from the account's active lots in burn order (one `kind` row per lot).
+/// The lot updates are queued into `batch`; the lots were read under the account lock, and
+/// the `remaining >= 0` check constraint guards the arithmetic.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn burn(
     db: &Db,
     conn: &mut AnyConnection,
+    batch: &mut Batch,
     account: &mut Account,
     journal: &mut Journal,
     units: i64,
-    request_id: &str,
+    (kind, request_id): (&'static str, &str),
     now: i64,
 ) -> Result<(), LedgerError> {
     if units <= 0 {
@@ -393,12 +414,16 @@ pub(super) async fn burn(
     let mut left = units;
     for lot in open_lots(db, conn, account, true).await? {
         let take = left.min(lot.remaining);
-        take_from_lot(db, conn, lot.id, take, now).await?;
+        batch.push(
+            "UPDATE quota_lots SET remaining = remaining - ?, used = used + ?, updated_at = ? \
+             WHERE id = ?",
+            vec![take.into(), take.into(), now.into(), lot.id.into()],
+        );
         account.balance -= take;
         journal.push(
             account,
             Entry {
-                kind: "settle",
+                kind,
                 lot_id: Some(lot.id),
                 request_id: Some(request_id.to_string()),
                 lot_delta: -take,
@@ -424,37 +449,44 @@ pub(super) async fn write_journal(
     journal: Journal,
     now: i64,
 ) -> Result<(), LedgerError> {
-    if journal.rows.is_empty() {
-        return Ok(());
-    }
-    let mut sql = String::from(
-        "INSERT INTO ledger_journal (user_id, quota_type, kind, lot_id, request_id, lot_delta, \
-         balance_delta, held_delta, debt_delta, memo, created_at) VALUES ",
-    );
-    for i in 0..journal.rows.len() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-    }
-    let sql = db.sql(&sql);
-    let mut query = sqlx::query(&sql);
-    for (user_id, quota_type, e) in journal.rows {
-        query = query
-            .bind(user_id)
-            .bind(quota_type)
-            .bind(e.kind)
-            .bind(e.lot_id)
-            .bind(e.request_id)
-            .bind(e.lot_delta)
-            .bind(e.balance_delta)
-            .bind(e.held_delta)
-            .bind(e.debt_delta)
-            .bind(e.memo)
-            .bind(now);
-    }
-    query.execute(&mut *conn).await?;
+    let mut batch = Batch::default();
+    journal.into_batch(&mut batch, now);
+    batch.execute(db.dialect(), conn).await?;
     Ok(())
+}
+
+impl Journal {
+    /// Queues the rows as one multi-row `INSERT` into `batch`.
+    pub fn into_batch(self, batch: &mut Batch, now: i64) {
+        if self.rows.is_empty() {
+            return;
+        }
+        let mut sql = String::from(
+            "INSERT INTO ledger_journal (user_id, quota_type, kind, lot_id, request_id, lot_delta, \
+             balance_delta, held_delta, debt_delta, memo, created_at) VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(self.rows.len() * 11);
+        for (i, (user_id, quota_type, e)) in self.rows.into_iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+            values.extend([
+                user_id.into(),
+                quota_type.into(),
+                e.kind.into(),
+                e.lot_id.into(),
+                e.request_id.into(),
+                e.lot_delta.into(),
+                e.balance_delta.into(),
+                e.held_delta.into(),
+                e.debt_delta.into(),
+                e.memo.into(),
+                now.into(),
+            ]);
+        }
+        batch.push(sql, values);
+    }
 }
 
 /// Dialect-aware `SUM` (re-exported for sibling modules).

@@ -8,7 +8,7 @@ use sqlx::Row;
 use super::accounts::{lock_account, refresh_lots, save_account, write_journal, Entry, Journal};
 use super::{check_key, Ledger, LedgerError, UnpricedPolicy};
 use crate::pricing::{Measure, ModelPricing};
-use crate::storage::is_unique_violation;
+use crate::storage::{bind_values, is_unique_violation, Db, Dialect, Value};
 
 /// Larger counts in one call are rejected as `invalid_request` (no real call is that big,
 /// and it keeps every sum far from integer overflow).
@@ -43,10 +43,9 @@ impl Ledger {
             return Ok(Err(denial(req, None, None, DenyCode::InvalidRequest, e)));
         }
         let now = self.now();
-        let mut conn = self.db().pool().acquire().await?;
         let user_id = match &req.caller {
             Caller::UserId(user) => user.clone(),
-            Caller::ApiKey(key) => match self.resolve_api_key_on(&mut conn, key).await? {
+            Caller::ApiKey(key) => match self.resolve_api_key(key).await? {
                 Some(user) => user,
                 None => {
                     let message = "unknown, revoked or expired API key".to_string();
@@ -60,11 +59,15 @@ impl Ledger {
                 }
             },
         };
-        let model = self
-            .prices()
-            .resolve(&mut conn, &req.provider, &req.model, now)
-            .await?;
-        drop(conn);
+        let model = match self.prices().resolve_cached(&req.provider, &req.model, now) {
+            Some(model) => model,
+            None => {
+                let mut conn = self.db().pool().acquire().await?;
+                self.prices()
+                    .resolve(&mut conn, &req.provider, &req.model, now)
+                    .await?
+            }
+        };
         let quota_type = Some(model.quota_type.clone());
         if !model.enabled {
             let message = format!("model {}/{} is disabled", req.provider, req.model);
@@ -172,15 +175,56 @@ impl Ledger {
         let quota_type = admission.model.quota_type.as_str();
         let hold = admission.hold as i64;
         let price_version = admission.model.price.as_ref().map(|p| p.id);
+        let allowed = || {
+            allow(
+                req,
+                user_id,
+                quota_type,
+                admission.hold,
+                price_version.is_some(),
+            )
+        };
+        let fast = FastReserve {
+            req,
+            admission,
+            now,
+            expires_at: now.saturating_add(self.hold_ttl_ms()),
+        };
+        if db.dialect() == Dialect::Postgres {
+            match fast.in_one_statement(db).await {
+                Ok(true) => return Ok(allowed()),
+                Ok(false) => {}
+                Err(e) if is_unique_violation(&e) => {
+                    return self.replay_authorization(req, admission).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let mut tx = db.begin_write().await?;
+        if db.dialect() == Dialect::Sqlite {
+            match fast.in_one_call(db, tx.conn()).await {
+                Ok(true) => {
+                    tx.commit().await?;
+                    return Ok(allowed());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tx.rollback().await?;
+                    if is_unique_violation(&e) {
+                        return self.replay_authorization(req, admission).await;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
 
-        // The hold row first: it is the idempotency key and serialises retries of one call.
+        // General path (MySQL, denials, due lot events). The hold row first: it is the
+        // idempotency key and serialises retries of one call.
         let sql = db.sql(
             "INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, amount, \
              price_version_id, priced, status, created_at, expires_at, finalized_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?, NULL)",
         );
-        let ttl = i64::try_from(self.config().hold_ttl.as_millis()).unwrap_or(i64::MAX);
         let inserted = sqlx::query(&sql)
             .bind(&req.request_id)
             .bind(user_id)
@@ -191,7 +235,7 @@ impl Ledger {
             .bind(price_version)
             .bind(i32::from(price_version.is_some()))
             .bind(now)
-            .bind(now.saturating_add(ttl))
+            .bind(fast.expires_at)
             .execute(tx.conn())
             .await;
         match inserted {
@@ -203,23 +247,14 @@ impl Ledger {
             Err(e) => return Err(e.into()),
         }
 
-        // Fast path: one guarded update, valid while no lot expiry/activation is due.
-        let sql = db.sql(
-            "UPDATE ledger_accounts SET held = held + ?, updated_at = ? \
-             WHERE user_id = ? AND quota_type = ? AND balance - held >= ? \
-             AND (next_event_at IS NULL OR next_event_at > ?)",
-        );
-        let reserved = sqlx::query(&sql)
-            .bind(hold)
-            .bind(now)
-            .bind(user_id)
-            .bind(quota_type)
-            .bind(hold)
-            .bind(now)
-            .execute(tx.conn())
-            .await?
-            .rows_affected()
-            == 1;
+        // One guarded update, valid while no lot expiry/activation is due (already tried,
+        // and failed, by the single-round-trip forms on PostgreSQL and SQLite).
+        let reserved = db.dialect() == Dialect::MySql
+            && bind_values(sqlx::query(&db.sql(GUARDED_RESERVE)), fast.reserve_values())
+                .execute(tx.conn())
+                .await?
+                .rows_affected()
+                == 1;
         let mut journal = Journal::default();
         let denied = if reserved {
             None
@@ -301,6 +336,10 @@ impl Ledger {
         Ok((!fits).then_some(DenyCode::QuotaExhausted))
     }
 
+    fn hold_ttl_ms(&self) -> i64 {
+        i64::try_from(self.config().hold_ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+
     /// A retry of an authorization already held: same figures give the same answer.
     async fn replay_authorization(
         &self,
@@ -345,6 +384,123 @@ impl Ledger {
             amount as u64,
             priced != 0,
         ))
+    }
+}
+
+/// The common case (account exists, enough available, no lot event due) in one round trip.
+/// Nothing is written when it does not apply; the general path then decides.
+struct FastReserve<'a> {
+    req: &'a AuthorizeRequest,
+    admission: &'a Admission,
+    now: i64,
+    expires_at: i64,
+}
+
+const GUARDED_RESERVE: &str = "UPDATE ledger_accounts SET held = held + ?, updated_at = ? \
+     WHERE user_id = ? AND quota_type = ? AND balance - held >= ? \
+     AND (next_event_at IS NULL OR next_event_at > ?)";
+
+impl FastReserve<'_> {
+    fn reserve_values(&self) -> Vec<Value> {
+        let hold = self.admission.hold as i64;
+        vec![
+            hold.into(),
+            self.now.into(),
+            self.admission.user_id.as_str().into(),
+            self.admission.model.quota_type.as_str().into(),
+            hold.into(),
+            self.now.into(),
+        ]
+    }
+
+    fn price_version(&self) -> Option<i64> {
+        self.admission.model.price.as_ref().map(|p| p.id)
+    }
+
+    /// PostgreSQL: data-modifying CTEs, outside any explicit transaction.
+    async fn in_one_statement(&self, db: &Db) -> Result<bool, sqlx::Error> {
+        let sql = format!(
+            "WITH acc AS ({GUARDED_RESERVE} RETURNING user_id, quota_type), \
+             hold AS (INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, \
+               amount, price_version_id, priced, status, created_at, expires_at, finalized_at) \
+               SELECT ?, user_id, quota_type, ?, ?, ?, ?, ?, 'held', ?, ?, CAST(NULL AS BIGINT) \
+               FROM acc RETURNING request_id), \
+             jr AS (INSERT INTO ledger_journal (user_id, quota_type, kind, lot_id, request_id, \
+               lot_delta, balance_delta, held_delta, debt_delta, memo, created_at) \
+               SELECT user_id, quota_type, 'reserve', CAST(NULL AS BIGINT), ?, 0, 0, ?, 0, \
+               CAST(NULL AS VARCHAR), ? FROM acc) \
+             SELECT COUNT(*) FROM hold"
+        );
+        let hold = self.admission.hold as i64;
+        let mut values = self.reserve_values();
+        values.extend([
+            self.req.request_id.as_str().into(),
+            self.req.provider.as_str().into(),
+            self.req.model.as_str().into(),
+            hold.into(),
+            self.price_version().into(),
+            i64::from(self.price_version().is_some()).into(),
+            self.now.into(),
+            self.expires_at.into(),
+            self.req.request_id.as_str().into(),
+            hold.into(),
+            self.now.into(),
+        ]);
+        let sql = db.sql(&sql);
+        let row = bind_values(sqlx::query(&sql), values)
+            .fetch_one(db.pool())
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? == 1)
+    }
+
+    /// SQLite: three statements in one call inside the caller's transaction, each insert
+    /// conditional on the previous statement having changed a row.
+    async fn in_one_call(
+        &self,
+        db: &Db,
+        conn: &mut sqlx::AnyConnection,
+    ) -> Result<bool, sqlx::Error> {
+        let sql = format!(
+            "{GUARDED_RESERVE};
+             INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, amount, \
+               price_version_id, priced, status, created_at, expires_at, finalized_at) \
+               SELECT ?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?, NULL WHERE changes() = 1;
+             INSERT INTO ledger_journal (user_id, quota_type, kind, lot_id, request_id, lot_delta, \
+               balance_delta, held_delta, debt_delta, memo, created_at) \
+               SELECT ?, ?, 'reserve', NULL, ?, 0, 0, ?, 0, NULL, ? WHERE changes() = 1"
+        );
+        let hold = self.admission.hold as i64;
+        let user_id = self.admission.user_id.as_str();
+        let quota_type = self.admission.model.quota_type.as_str();
+        let mut values = self.reserve_values();
+        values.extend([
+            self.req.request_id.as_str().into(),
+            user_id.into(),
+            quota_type.into(),
+            self.req.provider.as_str().into(),
+            self.req.model.as_str().into(),
+            hold.into(),
+            self.price_version().into(),
+            i64::from(self.price_version().is_some()).into(),
+            self.now.into(),
+            self.expires_at.into(),
+            user_id.into(),
+            quota_type.into(),
+            self.req.request_id.as_str().into(),
+            hold.into(),
+            self.now.into(),
+        ]);
+        let sql = db.sql(&sql);
+        let done = bind_values(sqlx::query(&sql), values)
+            .execute(&mut *conn)
+            .await?;
+        match done.rows_affected() {
+            0 => Ok(false),
+            3 => Ok(true),
+            n => Err(sqlx::Error::Protocol(format!(
+                "fast reservation changed {n} rows instead of 0 or 3"
+            ))),
+        }
     }
 }
 

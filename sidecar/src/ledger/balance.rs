@@ -52,21 +52,29 @@ impl Ledger {
         quota_type: &str,
     ) -> Result<Option<Balance>, LedgerError> {
         let now = self.now();
-        // Apply due expiries first, so the answer never counts an expired lot.
-        self.retrying(|| self.refresh_account(user_id, quota_type, now))
-            .await?;
         let db = self.db();
         let sql = db.sql(
-            "SELECT balance, held, debt FROM ledger_accounts WHERE user_id = ? AND quota_type = ?",
+            "SELECT balance, held, debt, next_event_at FROM ledger_accounts \
+             WHERE user_id = ? AND quota_type = ?",
         );
-        let Some(account) = sqlx::query(&sql)
-            .bind(user_id)
-            .bind(quota_type)
-            .fetch_optional(db.pool())
-            .await?
-        else {
+        let read = || {
+            sqlx::query(&sql)
+                .bind(user_id)
+                .bind(quota_type)
+                .fetch_optional(db.pool())
+        };
+        let Some(mut account) = read().await? else {
             return Ok(None);
         };
+        let next_event_at: Option<i64> = account.try_get(3)?;
+        if next_event_at.is_some_and(|t| t <= now) {
+            // Apply due expiries first, so the answer never counts an expired lot.
+            self.retrying(|| self.refresh_account(user_id, quota_type, now))
+                .await?;
+            account = read()
+                .await?
+                .ok_or_else(|| LedgerError::Inconsistent("account vanished".into()))?;
+        }
         let balance: i64 = account.try_get(0)?;
         let held: i64 = account.try_get(1)?;
         let debt: i64 = account.try_get(2)?;

@@ -3,11 +3,11 @@
 use sqlx::{AnyConnection, Row};
 
 use super::accounts::{
-    lock_account, refresh_lots, repay_debt, save_account, schedule_event, write_journal, Entry,
-    Journal,
+    burn, lock_account, refresh_lots, repay_debt, save_account, save_account_in, schedule_event,
+    write_journal, Entry, Journal,
 };
 use super::{check_key, to_i64, Ledger, LedgerError};
-use crate::storage::{insert_returning_id, is_unique_violation, with_returning_id};
+use crate::storage::{insert_returning_id, is_unique_violation, with_returning_id, Batch};
 
 /// Grant `amount` units of a quota type to a user. (source_type, source_id) is the
 /// idempotency key (per quota type): the same grant delivered twice creates one lot.
@@ -76,6 +76,27 @@ pub struct ExpireLotsReport {
     pub accounts: u64,
     pub lots_expired: u64,
     pub units_expired: u64,
+}
+
+/// An administrative correction. A positive `delta` is a grant (source `admin_adjust`); a
+/// negative one removes units from the user's available balance in burn order (journaled
+/// as `adjust`) and fails when less is available. Idempotent by `adjustment_id`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AdjustRequest {
+    pub user_id: String,
+    pub quota_type: String,
+    pub delta: i64,
+    pub adjustment_id: String,
+    #[serde(default)]
+    pub remark: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AdjustResponse {
+    /// Units added (positive) or removed (negative).
+    pub applied: i64,
+    /// False when this adjustment had already been applied.
+    pub created: bool,
 }
 
 /// A lot to insert inside a transaction.
@@ -173,18 +194,14 @@ impl Ledger {
             }
             Err(LedgerError::Db(e)) if is_unique_violation(&e) => {
                 tx.rollback().await?;
-                self.replay_grant(req, now).await
+                self.replay_grant(req).await
             }
             Err(e) => Err(e),
         }
     }
 
     /// A duplicate delivery: the same figures return the existing lot, others conflict.
-    async fn replay_grant(
-        &self,
-        req: &GrantRequest,
-        now: i64,
-    ) -> Result<GrantResponse, LedgerError> {
+    async fn replay_grant(&self, req: &GrantRequest) -> Result<GrantResponse, LedgerError> {
         let sql = self.db().sql(
             "SELECT id, user_id, amount, effective_from, expires_at, status FROM quota_lots \
              WHERE source_type = ? AND source_id = ? AND quota_type = ?",
@@ -211,12 +228,117 @@ impl Ledger {
             )));
         }
         let status: String = row.try_get(5)?;
-        let _ = now;
         Ok(GrantResponse {
             lot_id: row.try_get(0)?,
             created: false,
             status: LotStatus::parse(&status).unwrap_or(LotStatus::Active),
             debt_repaid: 0,
+        })
+    }
+
+    /// Applies an administrative correction (see [`AdjustRequest`]).
+    pub async fn adjust(&self, req: &AdjustRequest) -> Result<AdjustResponse, LedgerError> {
+        check_key(&req.adjustment_id, "adjustment_id")?;
+        if req.delta == 0 || req.delta == i64::MIN {
+            return Err(LedgerError::Invalid(
+                "delta must be a non-zero amount".into(),
+            ));
+        }
+        if req.delta > 0 {
+            let grant = GrantRequest {
+                user_id: req.user_id.clone(),
+                quota_type: req.quota_type.clone(),
+                amount: req.delta as u64,
+                source_type: "admin_adjust".into(),
+                source_id: req.adjustment_id.clone(),
+                remark: req.remark.clone(),
+                effective_from: None,
+                expires_at: None,
+                priority: 0,
+            };
+            let granted = self.grant(&grant).await?;
+            return Ok(AdjustResponse {
+                applied: req.delta,
+                created: granted.created,
+            });
+        }
+        check_key(&req.user_id, "user_id")?;
+        let now = self.now();
+        self.retrying(|| self.deduct_once(req, now)).await
+    }
+
+    async fn deduct_once(
+        &self,
+        req: &AdjustRequest,
+        now: i64,
+    ) -> Result<AdjustResponse, LedgerError> {
+        let db = self.db();
+        let units = -req.delta;
+        let key = format!("adjust:{}", req.adjustment_id);
+        let mut tx = db.begin_write().await?;
+        let Some(mut account) =
+            lock_account(db, tx.conn(), &req.user_id, &req.quota_type, false, now).await?
+        else {
+            tx.rollback().await?;
+            return Err(LedgerError::NotFound(format!(
+                "{} has no {} quota",
+                req.user_id, req.quota_type
+            )));
+        };
+        // Under the account lock, so a duplicate delivery cannot slip in between.
+        let sql = format!(
+            "SELECT {} FROM ledger_journal WHERE request_id = ? AND kind = 'adjust'",
+            db.dialect().sum_i64("balance_delta")
+        );
+        let done: i64 = sqlx::query(&db.sql(&sql))
+            .bind(&key)
+            .fetch_one(tx.conn())
+            .await?
+            .try_get(0)?;
+        if done != 0 {
+            tx.rollback().await?;
+            if done != req.delta {
+                return Err(LedgerError::Conflict(format!(
+                    "adjustment {} was already applied with {done}",
+                    req.adjustment_id
+                )));
+            }
+            return Ok(AdjustResponse {
+                applied: done,
+                created: false,
+            });
+        }
+        let mut journal = Journal::default();
+        if account.is_due(now) {
+            refresh_lots(db, tx.conn(), &mut account, &mut journal, now).await?;
+        }
+        if account.available() < units {
+            tx.rollback().await?;
+            return Err(LedgerError::Invalid(format!(
+                "only {} units are available to remove",
+                account.available()
+            )));
+        }
+        let mut batch = Batch::default();
+        let entry = ("adjust", key.as_str());
+        burn(
+            db,
+            tx.conn(),
+            &mut batch,
+            &mut account,
+            &mut journal,
+            units,
+            entry,
+            now,
+        )
+        .await?;
+        save_account_in(&mut batch, &account, now);
+        journal.into_batch(&mut batch, now);
+        batch.execute(db.dialect(), tx.conn()).await?;
+        tx.commit().await?;
+        Ok(AdjustResponse {
+            applied: req.delta,
+            created: true,
         })
     }
 

@@ -23,8 +23,11 @@
 //! - **void** releases a hold without charge; holds never settled expire after the
 //!   configured TTL (`expire_holds`).
 //! - Every change appends to `ledger_journal` (grant, activate, reserve, release, settle,
-//!   debt, repay, void, expire, reset), so balances can be rebuilt; [`Ledger::reconcile`]
-//!   proves it.
+//!   debt, repay, void, expire, reset, adjust), so balances can be rebuilt;
+//!   [`Ledger::reconcile`] proves it.
+//! - Lot events (expiry, a pending lot becoming effective) apply lazily: the account keeps
+//!   `next_event_at`, admission's guarded update only succeeds while it is in the future,
+//!   and the first write after it applies the due events. `expire_lots` does it in bulk.
 //! - Idempotency: authorize / settle / void by request id (a retry returns the first result;
 //!   a retry with other figures is [`LedgerError::Conflict`]); grants by source; monthly
 //!   reset by (membership, period). A denied authorization leaves nothing behind, so its
@@ -51,11 +54,14 @@ use chrono_tz::Tz;
 use crate::pricing::{PriceBook, PricingError};
 use crate::storage::{is_transient, is_unique_violation, now_ms, Db};
 
+pub use authorize::MAX_UNITS_PER_CALL;
 pub use balance::{Balance, LotDetail};
-pub use grant::{ExpireLotsReport, GrantRequest, GrantResponse, LotStatus};
+pub use grant::{
+    AdjustRequest, AdjustResponse, ExpireLotsReport, GrantRequest, GrantResponse, LotStatus,
+};
 pub use keys::hash_api_key;
 pub use reconcile::{Drift, ReconcileReport};
-pub use reset::{MonthlyResetReport, ResetOutcome};
+pub use reset::{period_bounds, MonthlyResetReport, ResetOutcome};
 pub use settle::{ConsumeRequest, ConsumeResponse, ExpireHoldsReport};
 
 /// What to do with a call to a model that has no price in force.
@@ -225,10 +231,14 @@ impl Ledger {
     }
 }
 
+/// Retrying is safe for every ledger operation: each is idempotent by its key, so an
+/// attempt that did commit before its connection failed is answered as a replay.
 fn retryable(e: &LedgerError) -> bool {
     match e {
         LedgerError::Busy(_) => true,
-        LedgerError::Db(e) => is_transient(e) || is_unique_violation(e),
+        LedgerError::Db(e) => {
+            is_transient(e) || is_unique_violation(e) || matches!(e, sqlx::Error::Io(_))
+        }
         _ => false,
     }
 }

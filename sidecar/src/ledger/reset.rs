@@ -132,7 +132,7 @@ impl Ledger {
     ) -> Result<ResetOutcome, LedgerError> {
         let db = self.db();
         let mut tx = db.begin_write().await?;
-        let sql = db.sql("SELECT user_id, plan_id FROM memberships WHERE id = ?");
+        let sql = db.sql("SELECT user_id, plan_id, status FROM memberships WHERE id = ?");
         let Some(row) = sqlx::query(&sql)
             .bind(membership_id)
             .fetch_optional(tx.conn())
@@ -143,6 +143,13 @@ impl Ledger {
         };
         let user_id: String = row.try_get(0)?;
         let plan_id: i64 = row.try_get(1)?;
+        let status: String = row.try_get(2)?;
+        if status != "active" {
+            tx.rollback().await?;
+            return Err(LedgerError::Conflict(format!(
+                "membership {membership_id} is {status}, not active"
+            )));
+        }
 
         let sql = db.sql(
             "INSERT INTO reset_runs (membership_id, period, user_id, plan_id, granted_lots, \

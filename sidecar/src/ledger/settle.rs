@@ -8,12 +8,11 @@ use llm_meter_protocol::{
 };
 use sqlx::{AnyConnection, Row};
 
-use super::accounts::{
-    burn, lock_account, refresh_lots, save_account, write_journal, Entry, Journal,
-};
+use super::accounts::{burn, lock_account, refresh_lots, save_account_in, Account, Entry, Journal};
 use super::authorize::MAX_UNITS_PER_CALL;
 use super::{check_key, to_i64, Ledger, LedgerError};
 use crate::pricing::{format_micros, Measure, PriceVersion};
+use crate::storage::{Batch, Value};
 
 /// A hold row as read (and locked) inside a transaction.
 struct Hold {
@@ -130,7 +129,7 @@ impl Ledger {
         let db = self.db();
         let now = self.now();
         let mut tx = db.begin_write().await?;
-        let hold = load_hold(self, tx.conn(), &req.request_id, true).await?;
+        let (hold, account) = load_hold(self, tx.conn(), &req.request_id).await?;
         let late = hold.as_ref().is_some_and(|h| h.status == "expired");
         let target = match hold {
             Some(h) if h.status == "held" || h.status == "expired" => {
@@ -171,26 +170,20 @@ impl Ledger {
         let cost_micros = cost.map(|c| c.micros);
         let units = to_i64(target.measure.units(&usage, cost_micros), "units")?;
         let mut journal = Journal::default();
-        let (charged, debt) = charge(
-            self,
-            tx.conn(),
-            &target,
+        let mut batch = Batch::default();
+        let to_charge = Charge {
+            target: &target,
+            account,
             units,
-            &req.request_id,
-            &mut journal,
-            now,
-        )
-        .await?;
-
+            request_id: &req.request_id,
+        };
+        let (charged, debt) =
+            charge(self, tx.conn(), &mut batch, to_charge, &mut journal, now).await?;
         if target.started_at.is_some() {
-            let sql = db.sql(
+            batch.push(
                 "UPDATE ledger_holds SET status = 'settled', finalized_at = ? WHERE request_id = ?",
+                vec![now.into(), req.request_id.as_str().into()],
             );
-            sqlx::query(&sql)
-                .bind(now)
-                .bind(&req.request_id)
-                .execute(tx.conn())
-                .await?;
         }
         if late {
             // The hold expired unsettled and left an `expired` record; the call did run.
@@ -223,9 +216,10 @@ impl Ledger {
             reason: None,
             ended_at,
         };
-        insert_usage(self, tx.conn(), &row, now).await?;
-        add_daily_cost(self, tx.conn(), &row, now).await?;
-        write_journal(db, tx.conn(), journal, now).await?;
+        push_usage(self, &mut batch, &row, target.price.is_none(), now);
+        push_daily_cost(self, &mut batch, &row, now);
+        journal.into_batch(&mut batch, now);
+        batch.execute(db.dialect(), tx.conn()).await?;
         tx.commit().await?;
         if debt > 0 {
             tracing::warn!(request_id = %req.request_id, user = %target.user_id,
@@ -300,6 +294,10 @@ impl Ledger {
             .prices()
             .resolve(conn, &req.provider, &req.model, at)
             .await?;
+        if model.price.is_none() {
+            tracing::warn!(provider = %req.provider, model = %req.model,
+                request_id = %req.request_id, "settling a call to a model with no price in force");
+        }
         Ok(Some(Target {
             user_id,
             quota_type: model.quota_type,
@@ -413,7 +411,7 @@ impl Ledger {
             Release::Void(_) => self.now(),
         };
         let mut tx = db.begin_write().await?;
-        let Some(hold) = load_hold(self, tx.conn(), request_id, true).await? else {
+        let (Some(hold), account) = load_hold(self, tx.conn(), request_id).await? else {
             tx.rollback().await?;
             return Ok(None);
         };
@@ -447,18 +445,13 @@ impl Ledger {
             Release::Void(v) => ("voided", "void", v.reason.as_str(), v.upstream_status),
             Release::Expire(_) => ("expired", "expire", "hold expired without settlement", 0),
         };
-        let sql =
-            db.sql("UPDATE ledger_holds SET status = ?, finalized_at = ? WHERE request_id = ?");
-        sqlx::query(&sql)
-            .bind(status)
-            .bind(now)
-            .bind(request_id)
-            .execute(tx.conn())
-            .await?;
+        let mut batch = Batch::default();
+        batch.push(
+            "UPDATE ledger_holds SET status = ?, finalized_at = ? WHERE request_id = ?",
+            vec![status.into(), now.into(), request_id.into()],
+        );
         let mut journal = Journal::default();
-        let Some(mut account) =
-            lock_account(db, tx.conn(), &hold.user_id, &hold.quota_type, false, now).await?
-        else {
+        let Some(mut account) = account else {
             return Err(LedgerError::Inconsistent(format!(
                 "hold {request_id} has no account {}/{}",
                 hold.user_id, hold.quota_type
@@ -474,7 +467,7 @@ impl Ledger {
                 ..Entry::default()
             },
         );
-        save_account(db, tx.conn(), &account, now).await?;
+        save_account_in(&mut batch, &account, now);
         let amount = hold.amount;
         let priced = hold.priced;
         let target = self.target_of_hold(tx.conn(), hold, amount).await?;
@@ -493,8 +486,9 @@ impl Ledger {
             reason: Some(reason),
             ended_at: now,
         };
-        insert_usage_flagged(self, tx.conn(), &row, !priced, now).await?;
-        write_journal(db, tx.conn(), journal, now).await?;
+        push_usage(self, &mut batch, &row, !priced, now);
+        journal.into_batch(&mut batch, now);
+        batch.execute(db.dialect(), tx.conn()).await?;
         tx.commit().await?;
         Ok(Some(answer(SettleStatus::Voided)))
     }
@@ -561,26 +555,40 @@ enum Release<'a> {
     Expire(i64),
 }
 
+/// The hold of a request and its account, both locked, in one round trip. The account is
+/// None only when there is no hold.
 async fn load_hold(
     ledger: &Ledger,
     conn: &mut AnyConnection,
     request_id: &str,
-    lock: bool,
-) -> Result<Option<Hold>, LedgerError> {
+) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
     let db = ledger.db();
     let sql = format!(
-        "SELECT user_id, quota_type, provider, model, amount, price_version_id, priced, status, \
-         created_at FROM ledger_holds WHERE request_id = ?{}",
-        if lock { db.dialect().for_update() } else { "" }
+        "SELECT h.user_id, h.quota_type, h.provider, h.model, h.amount, h.price_version_id, \
+         h.priced, h.status, h.created_at, a.balance, a.held, a.debt, a.next_event_at \
+         FROM ledger_holds h JOIN ledger_accounts a \
+         ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
+         WHERE h.request_id = ?{}",
+        db.dialect().for_update()
     );
     let row = sqlx::query(&db.sql(&sql))
         .bind(request_id)
         .fetch_optional(&mut *conn)
         .await?;
     let Some(row) = row else {
-        return Ok(None);
+        let sql = db.sql("SELECT request_id FROM ledger_holds WHERE request_id = ?");
+        let orphan = sqlx::query(&sql)
+            .bind(request_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if orphan.is_some() {
+            return Err(LedgerError::Inconsistent(format!(
+                "hold {request_id} has no account"
+            )));
+        }
+        return Ok((None, None));
     };
-    Ok(Some(Hold {
+    let hold = Hold {
         user_id: row.try_get(0)?,
         quota_type: row.try_get(1)?,
         provider: row.try_get(2)?,
@@ -590,7 +598,16 @@ async fn load_hold(
         priced: row.try_get::<i32, _>(6)? != 0,
         status: row.try_get(7)?,
         created_at: row.try_get(8)?,
-    }))
+    };
+    let account = Account {
+        user_id: hold.user_id.clone(),
+        quota_type: hold.quota_type.clone(),
+        balance: row.try_get(9)?,
+        held: row.try_get(10)?,
+        debt: row.try_get(11)?,
+        next_event_at: row.try_get(12)?,
+    };
+    Ok((Some(hold), Some(account)))
 }
 
 async fn usage_record_exists(
@@ -608,21 +625,38 @@ async fn usage_record_exists(
     Ok(row.is_some())
 }
 
+/// What [`charge`] charges.
+struct Charge<'a> {
+    target: &'a Target,
+    /// The account when already locked together with the hold.
+    account: Option<Account>,
+    units: i64,
+    request_id: &'a str,
+}
+
 /// Releases the call's hold and charges `units`: from the available balance in burn order,
-/// the remainder as debt. Returns (charged, debt).
+/// the remainder as debt. Writes are queued into `batch`. Returns (charged, debt).
 async fn charge(
     ledger: &Ledger,
     conn: &mut AnyConnection,
-    target: &Target,
-    units: i64,
-    request_id: &str,
+    batch: &mut Batch,
+    charge: Charge<'_>,
     journal: &mut Journal,
     now: i64,
 ) -> Result<(i64, i64), LedgerError> {
     let db = ledger.db();
-    let mut account = lock_account(db, conn, &target.user_id, &target.quota_type, true, now)
-        .await?
-        .ok_or_else(|| LedgerError::Inconsistent("account vanished after insert".into()))?;
+    let Charge {
+        target,
+        account,
+        units,
+        request_id,
+    } = charge;
+    let mut account = match account {
+        Some(account) => account,
+        None => lock_account(db, conn, &target.user_id, &target.quota_type, true, now)
+            .await?
+            .ok_or_else(|| LedgerError::Inconsistent("account vanished after insert".into()))?,
+    };
     if account.is_due(now) {
         refresh_lots(db, conn, &mut account, journal, now).await?;
     }
@@ -640,7 +674,8 @@ async fn charge(
     }
     let charged = units.min(account.available());
     let debt = units - charged;
-    burn(db, conn, &mut account, journal, charged, request_id, now).await?;
+    let entry = ("settle", request_id);
+    burn(db, conn, batch, &mut account, journal, charged, entry, now).await?;
     if debt > 0 {
         account.debt += debt;
         journal.push(
@@ -653,85 +688,62 @@ async fn charge(
             },
         );
     }
-    save_account(db, conn, &account, now).await?;
+    save_account_in(batch, &account, now);
     Ok((charged, debt))
 }
 
-async fn insert_usage(
-    ledger: &Ledger,
-    conn: &mut AnyConnection,
-    row: &UsageRow<'_>,
-    now: i64,
-) -> Result<(), LedgerError> {
-    let unpriced = row.target.price.is_none();
-    insert_usage_flagged(ledger, conn, row, unpriced, now).await
-}
-
-async fn insert_usage_flagged(
-    ledger: &Ledger,
-    conn: &mut AnyConnection,
-    row: &UsageRow<'_>,
-    unpriced: bool,
-    now: i64,
-) -> Result<(), LedgerError> {
-    let sql = ledger.db().sql(
+fn push_usage(ledger: &Ledger, batch: &mut Batch, row: &UsageRow<'_>, unpriced: bool, now: i64) {
+    let t = row.target;
+    let u = &row.usage;
+    let flag = |b: bool| Value::from(i64::from(b));
+    batch.push(
         "INSERT INTO usage_records (request_id, user_id, provider, model, quota_type, outcome, \
          input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
          images, units, charged, debt, held, cost_micros, currency, price_version_id, estimated, \
          partial, unpriced, fail_open, upstream_status, status, reason, day, started_at, \
          ended_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
          ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        vec![
+            row.request_id.into(),
+            t.user_id.as_str().into(),
+            t.provider.as_str().into(),
+            t.model.as_str().into(),
+            t.quota_type.as_str().into(),
+            row.outcome.into(),
+            (u.input_tokens as i64).into(),
+            (u.cached_input_tokens as i64).into(),
+            (u.cache_write_tokens as i64).into(),
+            (u.output_tokens as i64).into(),
+            (u.reasoning_tokens as i64).into(),
+            (u.images as i64).into(),
+            row.units.into(),
+            row.charged.into(),
+            row.debt.into(),
+            t.release.into(),
+            row.cost_micros.into(),
+            t.price.as_ref().map(|p| p.currency.clone()).into(),
+            t.price.as_ref().map(|p| p.id).into(),
+            flag(row.estimated),
+            flag(row.outcome == "partial"),
+            flag(unpriced),
+            flag(t.fail_open),
+            i64::from(row.upstream_status).into(),
+            row.status.into(),
+            row.reason.into(),
+            ledger.day_of(row.ended_at).into(),
+            t.started_at.into(),
+            row.ended_at.into(),
+            now.into(),
+        ],
     );
-    let t = row.target;
-    let u = &row.usage;
-    sqlx::query(&sql)
-        .bind(row.request_id)
-        .bind(&t.user_id)
-        .bind(&t.provider)
-        .bind(&t.model)
-        .bind(&t.quota_type)
-        .bind(row.outcome)
-        .bind(u.input_tokens as i64)
-        .bind(u.cached_input_tokens as i64)
-        .bind(u.cache_write_tokens as i64)
-        .bind(u.output_tokens as i64)
-        .bind(u.reasoning_tokens as i64)
-        .bind(u.images as i64)
-        .bind(row.units)
-        .bind(row.charged)
-        .bind(row.debt)
-        .bind(t.release)
-        .bind(row.cost_micros)
-        .bind(t.price.as_ref().map(|p| p.currency.clone()))
-        .bind(t.price.as_ref().map(|p| p.id))
-        .bind(i32::from(row.estimated))
-        .bind(i32::from(row.outcome == "partial"))
-        .bind(i32::from(unpriced))
-        .bind(i32::from(t.fail_open))
-        .bind(i32::from(row.upstream_status))
-        .bind(row.status)
-        .bind(row.reason)
-        .bind(ledger.day_of(row.ended_at))
-        .bind(t.started_at)
-        .bind(row.ended_at)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
 }
 
-async fn add_daily_cost(
-    ledger: &Ledger,
-    conn: &mut AnyConnection,
-    row: &UsageRow<'_>,
-    now: i64,
-) -> Result<(), LedgerError> {
-    let db = ledger.db();
+fn push_daily_cost(ledger: &Ledger, batch: &mut Batch, row: &UsageRow<'_>, now: i64) {
     let insert = "INSERT INTO daily_costs (day, provider, model, user_id, quota_type, currency, \
         requests, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, \
         reasoning_tokens, images, units, cost_micros, unpriced_requests, updated_at) \
         VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
-    let sql = db.dialect().upsert_add(
+    let sql = ledger.db().dialect().upsert_add(
         insert,
         "daily_costs",
         &["day", "provider", "model", "user_id"],
@@ -751,24 +763,25 @@ async fn add_daily_cost(
     );
     let t = row.target;
     let u = &row.usage;
-    sqlx::query(&db.sql(&sql))
-        .bind(ledger.day_of(row.ended_at))
-        .bind(&t.provider)
-        .bind(&t.model)
-        .bind(&t.user_id)
-        .bind(&t.quota_type)
-        .bind(t.price.as_ref().map(|p| p.currency.clone()))
-        .bind(u.input_tokens as i64)
-        .bind(u.cached_input_tokens as i64)
-        .bind(u.cache_write_tokens as i64)
-        .bind(u.output_tokens as i64)
-        .bind(u.reasoning_tokens as i64)
-        .bind(u.images as i64)
-        .bind(row.units)
-        .bind(row.cost_micros.unwrap_or(0))
-        .bind(i64::from(row.cost_micros.is_none()))
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+    batch.push(
+        sql,
+        vec![
+            ledger.day_of(row.ended_at).into(),
+            t.provider.as_str().into(),
+            t.model.as_str().into(),
+            t.user_id.as_str().into(),
+            t.quota_type.as_str().into(),
+            t.price.as_ref().map(|p| p.currency.clone()).into(),
+            (u.input_tokens as i64).into(),
+            (u.cached_input_tokens as i64).into(),
+            (u.cache_write_tokens as i64).into(),
+            (u.output_tokens as i64).into(),
+            (u.reasoning_tokens as i64).into(),
+            (u.images as i64).into(),
+            row.units.into(),
+            row.cost_micros.unwrap_or(0).into(),
+            i64::from(row.cost_micros.is_none()).into(),
+            now.into(),
+        ],
+    );
 }

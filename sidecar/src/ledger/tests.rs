@@ -445,6 +445,54 @@ async fn a_payment_callback_delivered_twice_grants_once() {
     }
 }
 
+#[tokio::test]
+async fn adjustments_add_or_remove_units_once() {
+    for t in each_backend().await {
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        seed_catalog(&t.db).await;
+        l.grant(&grant_req("u", 100, "p")).await.unwrap();
+        l.authorize(&auth("r", "u", 20, 20)).await.unwrap();
+        let remove = AdjustRequest {
+            user_id: "u".into(),
+            quota_type: "text_token".into(),
+            delta: -50,
+            adjustment_id: "ticket-1".into(),
+            remark: Some("refund reversal".into()),
+        };
+        assert!(l.adjust(&remove).await.unwrap().created, "{:?}", t.backend);
+        assert!(!l.adjust(&remove).await.unwrap().created);
+        let changed = AdjustRequest {
+            delta: -10,
+            ..remove.clone()
+        };
+        assert!(matches!(
+            l.adjust(&changed).await,
+            Err(LedgerError::Conflict(_))
+        ));
+        // 100 - 50 removed = 50, of which 40 are held: only 10 can still be removed.
+        let too_much = AdjustRequest {
+            delta: -11,
+            adjustment_id: "ticket-2".into(),
+            ..remove.clone()
+        };
+        assert!(matches!(
+            l.adjust(&too_much).await,
+            Err(LedgerError::Invalid(_))
+        ));
+        let add = AdjustRequest {
+            delta: 25,
+            adjustment_id: "ticket-3".into(),
+            ..remove.clone()
+        };
+        assert_eq!(l.adjust(&add).await.unwrap().applied, 25);
+        let b = l.balance("u", "text_token").await.unwrap().unwrap();
+        assert_eq!((b.remaining, b.held, b.available), (75, 40, 35));
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}
+
 /// Runs futures concurrently on the current task (no extra dependency).
 async fn futures_join_all<F: std::future::Future>(
     futures: impl Iterator<Item = F>,
@@ -947,6 +995,16 @@ async fn monthly_reset_runs_once_per_membership_and_period() {
             .get(0);
         assert_eq!(resets, 2);
         assert!(l.monthly_reset("2025-13", T0).await.is_err());
+        let gone: i64 = sqlx::query("SELECT id FROM memberships WHERE user_id = 'gone'")
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap()
+            .get(0);
+        let refused = l.reset_membership(gone, "2025-07", july_start).await;
+        assert!(
+            matches!(refused, Err(LedgerError::Conflict(_))),
+            "{refused:?}"
+        );
         assert_clean(l).await;
         t.cleanup().await;
     }
@@ -960,11 +1018,15 @@ fn small_pool() -> crate::storage::DbOptions {
     }
 }
 
-/// Several "sidecar processes" (pools) hammer one user's small balance. The sum of
-/// successful reservations never exceeds it and the ledger reconciles afterwards.
+/// Several "sidecar processes" (pools) hammer one user's small balance with authorize,
+/// settle (some overrunning into debt), void, abandoned holds, top-up grants that repay
+/// debt and hold expiry, all at once. Every unit stays accounted for and the ledger
+/// reconciles afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_admission_never_exceeds_the_balance() {
     const BALANCE: u64 = 1_000;
+    const TOP_UPS: u64 = 10;
+    const TOP_UP: u64 = 20;
     const PROCESSES: usize = 3;
     const REQUESTS_PER_PROCESS: usize = 80;
     for t in each_backend().await {
@@ -978,7 +1040,7 @@ async fn concurrent_admission_never_exceeds_the_balance() {
             };
             ledgers.push(Ledger::new(db, config()));
         }
-        let admin = &ledgers[0];
+        let admin = ledgers[0].clone();
         admin
             .grant(&grant_req("hot", BALANCE, "seed"))
             .await
@@ -996,65 +1058,86 @@ async fn concurrent_admission_never_exceeds_the_balance() {
                         .authorize(&auth(&id, "hot", hold / 2, hold - hold / 2))
                         .await?;
                     if r.decision == Decision::Deny {
-                        return Ok::<_, LedgerError>((0u64, 0u64));
+                        return Ok::<_, LedgerError>((0, 0, 0));
                     }
-                    // Half settle below the hold, some void, some are left to expire.
-                    let charged = match i % 4 {
-                        0 => {
-                            ledger
-                                .void(&VoidRequest {
-                                    request_id: id,
-                                    reason: "x".into(),
-                                    upstream_status: 500,
-                                })
-                                .await?;
-                            0
+                    let settle = |input, output| settle_req(&id, "hot", input, output);
+                    let outcome = match i % 8 {
+                        0 | 4 => {
+                            let void = VoidRequest {
+                                request_id: id.clone(),
+                                reason: "x".into(),
+                                upstream_status: 500,
+                            };
+                            ledger.void(&void).await?;
+                            (r.held, 0, 0)
                         }
-                        1 => 0,
+                        // Abandoned: left for hold expiry.
+                        1 => (r.held, 0, 0),
+                        // Overrun: twice the hold was used upstream.
+                        7 => {
+                            let s = ledger.settle(&settle(hold, hold)).await?;
+                            (r.held, s.charged, s.debt)
+                        }
                         _ => {
-                            ledger
-                                .settle(&settle_req(&id, "hot", hold / 2, 1))
-                                .await?
-                                .charged
+                            let s = ledger.settle(&settle(hold / 2, 1)).await?;
+                            (r.held, s.charged, s.debt)
                         }
                     };
-                    Ok((r.held, charged))
+                    Ok(outcome)
                 }));
             }
         }
-        let mut charged = 0u64;
-        let mut admitted = 0;
+        let top_ups = {
+            let ledgers = ledgers.clone();
+            tokio::spawn(async move {
+                let mut repaid = 0;
+                for k in 0..TOP_UPS {
+                    let ledger = &ledgers[k as usize % PROCESSES];
+                    let g = grant_req("hot", TOP_UP, &format!("top-up-{k}"));
+                    repaid += ledger.grant(&g).await?.debt_repaid;
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+                Ok::<_, LedgerError>(repaid)
+            })
+        };
+        let expirer = {
+            let ledger = ledgers[1].clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    // Far in the future: every hold open at that moment expires.
+                    ledger.expire_holds(ledger.now() + 3_600_000).await?;
+                    tokio::time::sleep(Duration::from_millis(7)).await;
+                }
+                Ok::<_, LedgerError>(())
+            })
+        };
+        let (mut charged, mut debt, mut admitted) = (0u64, 0u64, 0);
         for task in tasks {
-            let (held, c) = task
+            let (held, c, d) = task
                 .await
                 .unwrap()
                 .unwrap_or_else(|e| panic!("{:?}: {e}", t.backend));
             charged += c;
+            debt += d;
             admitted += usize::from(held > 0);
         }
-        let b = admin.balance("hot", "text_token").await.unwrap().unwrap();
-        // Admitted holds are all within the balance at the time, so the charged total plus
-        // what is still held can never exceed the grant.
-        assert!(
-            charged + b.held <= BALANCE,
-            "{:?}: charged {charged} + held {}",
-            t.backend,
-            b.held
-        );
-        assert_eq!(b.remaining, BALANCE - charged);
+        let repaid = top_ups.await.unwrap().unwrap();
+        expirer.await.unwrap().unwrap();
+        let granted = BALANCE + TOP_UPS * TOP_UP;
         assert!(
             admitted > 0 && admitted < PROCESSES * REQUESTS_PER_PROCESS,
             "{admitted}"
         );
-        assert_clean(admin).await;
-        // Leftover holds expire and the ledger still reconciles to the exact grant.
-        admin.expire_holds(admin.now() + 120_000).await.unwrap();
+        assert_clean(&admin).await;
+
+        admin.expire_holds(admin.now() + 3_600_000).await.unwrap();
         let b = admin.balance("hot", "text_token").await.unwrap().unwrap();
-        assert_eq!(
-            (b.held, b.remaining + b.used, b.granted),
-            (0, BALANCE, BALANCE)
-        );
-        assert_clean(admin).await;
+        let backend = t.backend;
+        assert_eq!(b.held, 0, "{backend:?}");
+        // Every granted unit is either left, charged to a call, or repaid debt.
+        assert_eq!(b.remaining + charged + repaid, granted, "{backend:?}");
+        assert_eq!(b.debt, debt - repaid, "{backend:?}");
+        assert_clean(&admin).await;
         for l in &ledgers[1..] {
             l.db().close().await;
         }
@@ -1114,40 +1197,70 @@ async fn simultaneous_holds_admit_exactly_what_fits() {
     }
 }
 
-/// Throughput of authorize + settle pairs at concurrency 16 (run with `--ignored --nocapture`,
-/// ideally in release mode).
+/// Throughput of authorize + settle pairs (run with `--ignored --nocapture`, in release
+/// mode). `BENCH_CONCURRENCY` (default 16) tasks, each on its own user unless
+/// `BENCH_SHARED_USER=1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore]
 async fn throughput_of_authorize_settle_pairs() {
-    const CONCURRENCY: usize = 16;
-    const PAIRS_PER_TASK: usize = 200;
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let concurrency = env("BENCH_CONCURRENCY", 16);
+    let pairs_per_task = env("BENCH_PAIRS", 3200) / concurrency;
+    let shared = env("BENCH_SHARED_USER", 0) == 1;
     for t in each_backend().await {
         seed_catalog(&t.db).await;
         let ledger = Ledger::new(t.db.clone(), LedgerConfig::default());
-        for u in 0..CONCURRENCY {
-            ledger.grant(&grant_req(&format!("user{u}"), 1_000_000_000, &format!("seed{u}"))).await.unwrap();
+        for u in 0..concurrency {
+            let grant = grant_req(&format!("user{u}"), 1_000_000_000, &format!("seed{u}"));
+            ledger.grant(&grant).await.unwrap();
         }
         let started = std::time::Instant::now();
+        let (mut authorize_time, mut settle_time) = (Duration::ZERO, Duration::ZERO);
         let mut tasks = Vec::new();
-        for task in 0..CONCURRENCY {
+        for task in 0..concurrency {
             let ledger = ledger.clone();
             tasks.push(tokio::spawn(async move {
-                // Half the tasks share one user to include same-account contention.
-                let user = if task % 2 == 0 { "user0".to_string() } else { format!("user{task}") };
-                for i in 0..PAIRS_PER_TASK {
+                let user = if shared {
+                    "user0".to_string()
+                } else {
+                    format!("user{task}")
+                };
+                let (mut a, mut s) = (Duration::ZERO, Duration::ZERO);
+                for i in 0..pairs_per_task {
                     let id = format!("t{task}-{i}");
+                    let t0 = std::time::Instant::now();
                     let r = ledger.authorize(&auth(&id, &user, 100, 100)).await.unwrap();
                     assert_eq!(r.decision, Decision::Allow);
-                    ledger.settle(&settle_req(&id, &user, 100, 50)).await.unwrap();
+                    let t1 = std::time::Instant::now();
+                    ledger
+                        .settle(&settle_req(&id, &user, 100, 50))
+                        .await
+                        .unwrap();
+                    a += t1 - t0;
+                    s += t1.elapsed();
                 }
+                (a, s)
             }));
         }
         for task in tasks {
-            task.await.unwrap();
+            let (a, s) = task.await.unwrap();
+            authorize_time += a;
+            settle_time += s;
         }
         let elapsed = started.elapsed();
-        let pairs = (CONCURRENCY * PAIRS_PER_TASK) as f64;
-        println!("{:?}: {:.0} pairs/s ({pairs} pairs in {elapsed:?})", t.backend, pairs / elapsed.as_secs_f64());
+        let pairs = (concurrency * pairs_per_task) as f64;
+        println!(
+            "{:?}: {:.0} pairs/s ({pairs} pairs in {elapsed:?}; mean authorize {:?}, settle {:?})",
+            t.backend,
+            pairs / elapsed.as_secs_f64(),
+            authorize_time / pairs as u32,
+            settle_time / pairs as u32,
+        );
         assert_clean(&ledger).await;
         t.cleanup().await;
     }

@@ -167,18 +167,52 @@ impl PriceBook {
             .quota_type(conn, &quota_type)
             .await?
             .map_or(Measure::TotalTokens, |q| q.measure);
-        let in_force = entry
-            .spans
-            .iter()
-            .filter(|(_, from, to)| *from <= at && to.is_none_or(|to| to > at))
-            .max_by_key(|(id, from, _)| (*from, *id))
-            .map(|(id, _, _)| *id);
         // An unknown model is unpriced even if someone priced it without cataloguing it.
-        let price = match in_force {
+        let price = match in_force(&entry, at) {
             Some(id) if known => self.version(conn, id).await?,
             _ => None,
         };
         Ok(ModelPricing {
+            known,
+            enabled,
+            quota_type,
+            measure,
+            price,
+        })
+    }
+
+    /// Like [`PriceBook::resolve`], from the cache alone; None when anything needed is
+    /// missing or stale (then call `resolve`). Lets the hot path skip taking a connection.
+    pub fn resolve_cached(&self, provider: &str, model: &str, at: i64) -> Option<ModelPricing> {
+        let key = (provider.to_string(), model.to_string());
+        let entry = self.models.read().ok()?.get(&key).cloned()?;
+        if entry.fetched.elapsed() >= self.ttl {
+            return None;
+        }
+        let types_guard = self.quota_types.read().ok()?;
+        let types = types_guard
+            .as_ref()
+            .filter(|c| c.fetched.elapsed() < self.ttl)?;
+        let (known, enabled, quota_type) = match &entry.row {
+            Some(row) => {
+                let quota_type = match &row.quota_type {
+                    Some(q) => q.clone(),
+                    None => first_for_model_type(&types.by_code, &row.model_type)
+                        .unwrap_or_else(|| DEFAULT_QUOTA_TYPE.to_string()),
+                };
+                (true, row.enabled, quota_type)
+            }
+            None => (false, true, DEFAULT_QUOTA_TYPE.to_string()),
+        };
+        let measure = types
+            .by_code
+            .get(&quota_type)
+            .map_or(Measure::TotalTokens, |q| q.measure);
+        let price = match in_force(&entry, at) {
+            Some(id) if known => Some(self.versions.read().ok()?.get(&id).cloned()?),
+            _ => None,
+        };
+        Some(ModelPricing {
             known,
             enabled,
             quota_type,
@@ -221,16 +255,8 @@ impl PriceBook {
         conn: &mut AnyConnection,
         model_type: &str,
     ) -> Result<Option<String>, PricingError> {
-        self.with_quota_types(conn, |types| {
-            let mut codes: Vec<&String> = types
-                .values()
-                .filter(|q| q.model_type.as_deref() == Some(model_type))
-                .map(|q| &q.code)
-                .collect();
-            codes.sort();
-            codes.first().map(|c| (*c).clone())
-        })
-        .await
+        self.with_quota_types(conn, |types| first_for_model_type(types, model_type))
+            .await
     }
 
     async fn with_quota_types<T>(
@@ -328,4 +354,24 @@ impl PriceBook {
         }
         Ok(entry)
     }
+}
+
+/// The latest version whose window contains `at`.
+fn in_force(entry: &ModelEntry, at: i64) -> Option<i64> {
+    entry
+        .spans
+        .iter()
+        .filter(|(_, from, to)| *from <= at && to.is_none_or(|to| to > at))
+        .max_by_key(|(id, from, _)| (*from, *id))
+        .map(|(id, _, _)| *id)
+}
+
+/// The quota type metering a model type (the first by code when several claim it).
+fn first_for_model_type(types: &HashMap<String, QuotaTypeDef>, model_type: &str) -> Option<String> {
+    types
+        .values()
+        .filter(|q| q.model_type.as_deref() == Some(model_type))
+        .map(|q| &q.code)
+        .min()
+        .cloned()
 }

@@ -257,6 +257,13 @@ async fn the_version_in_force_follows_effective_dates() {
             .await
             .unwrap();
         assert_eq!(price_id(&p), Some(first));
+        // Everything is cached now: the hot path needs no connection.
+        let cached = book.resolve_cached("openai", "gpt", 5_000).unwrap();
+        assert_eq!(price_id(&cached), Some(second));
+        assert_eq!(cached.quota_type, "text_token");
+        assert!(book.resolve_cached("openai", "never-seen", 5_000).is_none());
+        book.invalidate();
+        assert!(book.resolve_cached("openai", "gpt", 5_000).is_none());
         let unknown = book
             .resolve(&mut conn, "openai", "nope", 5_000)
             .await

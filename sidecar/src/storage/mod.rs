@@ -237,6 +237,10 @@ impl Db {
         let pool = AnyPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
+            // No ping before every checkout (a round trip per operation): a connection found
+            // dead fails its operation with an I/O error, and ledger operations are
+            // idempotent and retried.
+            .test_before_acquire(false)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     for statement in session_setup(dialect, busy_ms) {
@@ -406,6 +410,123 @@ pub fn with_returning_id(dialect: Dialect, sql: &str) -> String {
     }
 }
 
+/// A value bound to a [`Batch`] statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Int(Option<i64>),
+    Text(Option<String>),
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(Some(v))
+    }
+}
+
+impl From<Option<i64>> for Value {
+    fn from(v: Option<i64>) -> Self {
+        Value::Int(v)
+    }
+}
+
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(Some(v.to_string()))
+    }
+}
+
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(Some(v))
+    }
+}
+
+impl From<Option<String>> for Value {
+    fn from(v: Option<String>) -> Self {
+        Value::Text(v)
+    }
+}
+
+impl From<Option<&str>> for Value {
+    fn from(v: Option<&str>) -> Self {
+        Value::Text(v.map(str::to_string))
+    }
+}
+
+/// Write statements applied together at the end of a transaction, in as few round trips
+/// as the dialect allows: one multi-statement call on SQLite, one statement of
+/// data-modifying CTEs on PostgreSQL, one call per statement on MySQL. The statements must
+/// not depend on each other's effects (PostgreSQL runs them on one snapshot) and must not
+/// change the same row twice.
+#[derive(Debug, Default)]
+pub struct Batch {
+    statements: Vec<(String, Vec<Value>)>,
+}
+
+impl Batch {
+    /// Adds a statement written with `?` placeholders.
+    pub fn push(&mut self, sql: impl Into<String>, values: Vec<Value>) {
+        self.statements.push((sql.into(), values));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.statements.is_empty()
+    }
+
+    pub async fn execute(
+        self,
+        dialect: Dialect,
+        conn: &mut AnyConnection,
+    ) -> Result<(), sqlx::Error> {
+        if self.statements.is_empty() {
+            return Ok(());
+        }
+        let combined = match dialect {
+            Dialect::MySql => {
+                for (sql, values) in self.statements {
+                    bind_values(sqlx::query(&sql), values)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                return Ok(());
+            }
+            Dialect::Sqlite => {
+                let sql: Vec<&str> = self.statements.iter().map(|(s, _)| s.as_str()).collect();
+                sql.join(";\n")
+            }
+            Dialect::Postgres => {
+                let parts: Vec<String> = self
+                    .statements
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (s, _))| format!("w{i} AS ({s})"))
+                    .collect();
+                format!("WITH {} SELECT 1", parts.join(", "))
+            }
+        };
+        let sql = dialect.sql(&combined);
+        let values = self.statements.into_iter().flat_map(|(_, v)| v).collect();
+        bind_values(sqlx::query(&sql), values)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Binds `values` in order to `query`.
+pub fn bind_values<'q>(
+    mut query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    values: Vec<Value>,
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    for value in values {
+        query = match value {
+            Value::Int(v) => query.bind(v),
+            Value::Text(v) => query.bind(v),
+        };
+    }
+    query
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,6 +569,29 @@ mod tests {
             "mysql://root:***@h:3306/db"
         );
         assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    #[tokio::test]
+    async fn batches_apply_every_statement_on_every_backend() {
+        for t in testing::each_backend().await {
+            let mut batch = Batch::default();
+            for code in ["a", "b"] {
+                batch.push(
+                    "INSERT INTO providers (code, name, status, created_at, updated_at) VALUES (?, ?, 'enabled', ?, ?)",
+                    vec![code.into(), format!("provider {code}").into(), 1i64.into(), 2i64.into()],
+                );
+            }
+            let mut conn = t.db.pool().acquire().await.unwrap();
+            batch.execute(t.db.dialect(), &mut conn).await.unwrap();
+            let n: i64 = sqlx::query("SELECT COUNT(*) FROM providers")
+                .fetch_one(&mut *conn)
+                .await
+                .map(|r| sqlx::Row::get(&r, 0))
+                .unwrap();
+            assert_eq!(n, 2, "{:?}", t.backend);
+            drop(conn);
+            t.cleanup().await;
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! `YYYY-MM-DD` in the configured time zone; flags are INTEGER 0/1; prices are decimal
 //! strings (VARCHAR(40), parsed with rust_decimal); costs are BIGINT `cost_micros`
 //! (1e-6 of the currency unit). No foreign keys: integrity is kept by the ledger code and
-//! checked by `reconcile`, and FK share-locks would add deadlocks on MySQL.
+//! checked by `reconcile`, and FK share-locks would add deadlocks on MySQL. CHECK
+//! constraints keep balances, holds, debt and lot remainders non-negative, so an arithmetic
+//! bug aborts its transaction instead of corrupting the ledger.
 //!
 //! Catalog (written by the admin API, read by the ledger):
 //! - `providers`: upstream providers by `code` (openai, dashscope, ...), enabled/disabled.
@@ -40,6 +42,7 @@
 //! - `ledger_journal`: append-only. Every change to a lot, balance, held or debt is a row
 //!   with its deltas (lot_delta, balance_delta, held_delta, debt_delta); kinds: grant,
 //!   activate, reserve, release, settle, debt, repay, void, expire, reset, adjust.
+//!   `request_id` is the call's request id (or `adjust:<id>` for a deduction).
 //! - `usage_records`: one per finalized call (settled / voided / expired) with all token
 //!   fields, units, charged, debt, cost_micros, flags (estimated, partial, unpriced, fail_open).
 //! - `daily_costs`: per (day, provider, model, user_id) sums, updated in the same
@@ -214,7 +217,8 @@ const TABLES: &[(&str, &str)] = &[
         next_event_at BIGINT NULL,
         created_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL,
-        PRIMARY KEY (user_id, quota_type)",
+        PRIMARY KEY (user_id, quota_type),
+        CONSTRAINT ck_accounts_non_negative CHECK (balance >= 0 AND held >= 0 AND debt >= 0)",
     ),
     (
         "quota_lots",
@@ -234,7 +238,8 @@ const TABLES: &[(&str, &str)] = &[
         remark VARCHAR(1000) NULL,
         created_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL,
-        CONSTRAINT uq_lots_source UNIQUE (source_type, source_id, quota_type)",
+        CONSTRAINT uq_lots_source UNIQUE (source_type, source_id, quota_type),
+        CONSTRAINT ck_lots_non_negative CHECK (remaining >= 0 AND used >= 0 AND expired >= 0)",
     ),
     (
         "ledger_holds",

@@ -60,7 +60,7 @@ impl From<MonthlyResetReport> for ResetRun {
 
 /// Run the monthly reset of a period now (safe to repeat: each membership is reset once per period).
 #[utoipa::path(post, path = "/admin/v1/resets", tag = "operations", security(("admin" = [])),
-    request_body(content = ResetTrigger, description = "optional; {} runs the current period"),
+    request_body(content = Option<ResetTrigger>, description = "optional; none or {} runs the current period"),
     responses((status = 200, body = ResetRun), (status = 422, body = Problem)))]
 pub async fn trigger_reset(
     State(state): State<AppState>,
@@ -167,7 +167,7 @@ pub async fn list_resets(
             sqlx::query(&sql).fetch_all(state.db.pool()).await
         }
     }
-    .map_err(ApiError::internal)?;
+    .map_err(ApiError::from)?;
     let runs = rows
         .iter()
         .map(reset_from_row)
@@ -216,7 +216,7 @@ pub async fn reconcile(
     if !clean {
         tracing::error!(drifts = report.drifts.len(), "reconcile found drift");
     }
-    let mut tx = state.db.begin_write().await.map_err(ApiError::internal)?;
+    let mut tx = state.db.begin_write().await.map_err(ApiError::from)?;
     let summary = serde_json::json!({"clean": clean, "drifts": report.drifts.len()});
     audit::record(
         tx.conn(),
@@ -228,7 +228,7 @@ pub async fn reconcile(
         &summary,
     )
     .await
-    .map_err(ApiError::internal)?;
-    tx.commit().await.map_err(ApiError::internal)?;
+    .map_err(ApiError::from)?;
+    tx.commit().await.map_err(ApiError::from)?;
     Ok(Json(ReconcileAnswer { clean, report }))
 }

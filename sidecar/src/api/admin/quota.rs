@@ -3,7 +3,8 @@
 //!
 //! Grants go through the ledger, which makes each idempotent by its source: a membership by
 //! (membership, period), a purchase by order id, an admin grant by (source_type, source_id).
-//! The ledger commits a grant in its own transaction; its audit row follows right after.
+//! The ledger commits a grant in its own transaction; its audit row follows right after
+//! (and a repeat of the call writes it if it is still missing).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -191,17 +192,13 @@ pub async fn record_purchase(
         created: grant.response.created,
         debt_repaid: grant.response.debt_repaid,
     };
-    if recorded.created {
-        audit_after_grant(
-            &state,
-            &actor,
-            "purchase.record",
-            "order",
-            &recorded.order_id,
-            &recorded,
-        )
-        .await;
-    }
+    let audit = AuditOfGrant {
+        action: "purchase.record",
+        target_type: "order",
+        target_id: &recorded.order_id,
+        created: recorded.created,
+    };
+    audit_after_grant(&state, &actor, audit, &recorded).await?;
     Ok((created_status(recorded.created), Json(recorded)))
 }
 
@@ -301,10 +298,14 @@ pub async fn grant(
         source_id: request.source_id,
         expires_at: request.expires_at,
     };
-    if recorded.created {
-        let target = format!("{}:{}", recorded.source_type, recorded.source_id);
-        audit_after_grant(&state, &actor, "grant.create", "grant", &target, &recorded).await;
-    }
+    let target = format!("{}:{}", recorded.source_type, recorded.source_id);
+    let audit = AuditOfGrant {
+        action: "grant.create",
+        target_type: "grant",
+        target_id: &target,
+        created: recorded.created,
+    };
+    audit_after_grant(&state, &actor, audit, &recorded).await?;
     Ok((created_status(recorded.created), Json(recorded)))
 }
 
@@ -325,7 +326,7 @@ async fn existing_lot(state: &AppState, request: &GrantRequest) -> ApiResult<Opt
         .bind(request.quota_type.clone())
         .fetch_optional(state.db.pool())
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::from)?;
     let Some(row) = row else { return Ok(None) };
     let read = |err: sqlx::Error| ApiError::internal(err);
     let user_id: String = row.try_get("user_id").map_err(read)?;
@@ -365,34 +366,73 @@ async fn grant_or_replay(state: &AppState, request: &GrantRequest) -> ApiResult<
     }
 }
 
-/// The audit row of a grant the ledger already committed. A failure here is logged, not
-/// answered: the grant stands, and repeating the call (idempotent) changes nothing.
+/// What an audit row of a grant records.
+struct AuditOfGrant<'a> {
+    action: &'static str,
+    target_type: &'static str,
+    target_id: &'a str,
+    /// False when the ledger answered from an earlier delivery.
+    created: bool,
+}
+
+/// The audit row of a grant the ledger already committed (in its own transaction). If it
+/// cannot be written the caller gets a 503 and repeats the call: the repeat is idempotent
+/// for the grant and writes the audit row that is still missing, so every grant ends up
+/// recorded exactly once (no row is added when the first delivery's row exists).
 async fn audit_after_grant(
     state: &AppState,
     actor: &AdminActor,
-    action: &str,
-    target_type: &str,
-    target_id: &str,
+    audit: AuditOfGrant<'_>,
     detail: &impl Serialize,
-) {
+) -> ApiResult<()> {
     let result = async {
         let mut tx = state.db.begin_write().await?;
+        if !audit.created && audit_exists(state, &mut tx, &audit).await? {
+            return tx.rollback().await;
+        }
         audit::record(
             tx.conn(),
             state.db.dialect(),
             &Actor::from(actor),
-            action,
-            target_type,
-            Some(target_id),
+            audit.action,
+            audit.target_type,
+            Some(audit.target_id),
             detail,
         )
         .await?;
         tx.commit().await
     }
     .await;
-    if let Err(err) = result {
-        tracing::error!(error = %err, action, target_id, "grant applied but its audit row could not be written");
-    }
+    result.map_err(|err| {
+        tracing::error!(error = %err, action = audit.action, target_id = audit.target_id,
+            "grant applied but its audit row could not be written; a repeat of the call writes it");
+        ApiError::unavailable(format!(
+            "the grant was applied but its audit record could not be written ({}); \
+             repeat the same call to complete it (the grant is not applied twice)",
+            if crate::api::problem::database_unavailable(&err) {
+                "database unavailable"
+            } else {
+                "database error"
+            }
+        ))
+    })
+}
+
+async fn audit_exists(
+    state: &AppState,
+    tx: &mut crate::storage::WriteTx,
+    audit: &AuditOfGrant<'_>,
+) -> Result<bool, sqlx::Error> {
+    let sql = state
+        .db
+        .sql("SELECT id FROM admin_audit WHERE action = ? AND target_type = ? AND target_id = ?");
+    let row = sqlx::query(&sql)
+        .bind(audit.action)
+        .bind(audit.target_type)
+        .bind(audit.target_id)
+        .fetch_optional(tx.conn())
+        .await?;
+    Ok(row.is_some())
 }
 
 fn created_status(created: bool) -> StatusCode {

@@ -147,7 +147,7 @@ pub async fn list_usage(
         sql.push_str(" AND id < ?");
         int_binds.push(cursor);
     }
-    sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+    sql.push_str(" ORDER BY id DESC LIMIT ?");
     let sql = state.db.sql(&sql).into_owned();
     let mut statement = sqlx::query(&sql);
     for (_, value) in text_binds {
@@ -156,10 +156,11 @@ pub async fn list_usage(
     for value in int_binds {
         statement = statement.bind(value);
     }
+    statement = statement.bind(i64::from(limit) + 1);
     let rows = statement
         .fetch_all(state.db.pool())
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::from)?;
     let mut items = rows
         .iter()
         .map(usage_from_row)
@@ -331,7 +332,7 @@ pub async fn cost_report(
     );
     let rows = cost_rows(&state, group_by, &from, &to, query.user_id.as_deref())
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::from)?;
     let totals = totals_by_currency(&rows);
     Ok(Json(CostReport {
         from,
@@ -524,7 +525,7 @@ pub async fn list_audit(
     if cursor.is_some() {
         sql.push_str(" AND id < ?");
     }
-    sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+    sql.push_str(" ORDER BY id DESC LIMIT ?");
     let sql = state.db.sql(&sql).into_owned();
     let mut statement = sqlx::query(&sql);
     for value in text_binds {
@@ -533,10 +534,11 @@ pub async fn list_audit(
     if let Some(cursor) = cursor {
         statement = statement.bind(cursor);
     }
+    statement = statement.bind(i64::from(limit) + 1);
     let rows = statement
         .fetch_all(state.db.pool())
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::from)?;
     let mut items = Vec::with_capacity(rows.len());
     for row in &rows {
         items.push(audit_from_row(row).map_err(ApiError::internal)?);
