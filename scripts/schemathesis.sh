@@ -5,7 +5,8 @@
 # Fails on any 5xx, any response that breaks the document (schema, status, content type).
 #
 # Env: SIDECAR_BIN (default target/debug/llm-meter-sidecar, built if missing),
-#      SCHEMATHESIS_MAX_EXAMPLES (default 20 per operation), SCHEMATHESIS_SEED (default 1).
+#      SCHEMATHESIS_MAX_EXAMPLES (default 20 per operation), SCHEMATHESIS_SEED (default 1),
+#      SCHEMATHESIS_REPORT_DIR (write a JUnit report there; none by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,13 +55,21 @@ done
 [ -n "$addr" ] || { cat "$work/sidecar.log" >&2; echo "the sidecar did not start" >&2; exit 1; }
 echo "schemathesis against the sidecar at $addr ($MAX_EXAMPLES examples per operation, seed $SEED)"
 
+report=()
+if [ -n "${SCHEMATHESIS_REPORT_DIR:-}" ]; then
+    mkdir -p "$SCHEMATHESIS_REPORT_DIR"
+    report=(--report junit --report-dir "$(cd "$SCHEMATHESIS_REPORT_DIR" && pwd)")
+fi
+
 status=0
+# From the temp dir: schemathesis keeps a cache (.schemathesis/) in its working directory.
+cd "$work"
 schemathesis run "http://$addr/openapi.json" \
     --header "Authorization: Bearer $token" \
     --header "x-meter-secret: $secret" \
     --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
     --max-examples "$MAX_EXAMPLES" --seed "$SEED" --request-timeout 30 \
-    --workers 2 --warnings off --report junit --report-dir "$work/report" || status=$?
+    --workers 2 --warnings off ${report[@]+"${report[@]}"} || status=$?
 
 if grep -q ' ERROR ' "$work/sidecar.log"; then
     echo "the sidecar logged errors during the run:" >&2

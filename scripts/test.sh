@@ -14,3 +14,6 @@ fi
 echo "filter core tests inside wasm (wasm32-wasip1 under wasmtime):"
 CARGO_TARGET_WASM32_WASIP1_RUNNER="python3 $(pwd)/scripts/wasi-run.py" \
     cargo test --target wasm32-wasip1 -p llm-meter-filter --lib
+
+echo "sidecar API against its own OpenAPI document (schemathesis):"
+bash scripts/schemathesis.sh

@@ -20,10 +20,13 @@ pub enum Caller {
 #[derive(ToSchema)]
 pub struct AuthorizeRequest {
     /// Unique per call (Envoy's `x-request-id`); the idempotency key of the call.
+    #[schema(min_length = 1, max_length = 191)]
     request_id: String,
     caller: Caller,
     /// Provider code, e.g. `openai`.
+    #[schema(min_length = 1, max_length = 191)]
     provider: String,
+    #[schema(min_length = 1, max_length = 191)]
     model: String,
     estimated_input_tokens: u64,
     max_output_tokens: Option<u64>,
@@ -101,9 +104,12 @@ pub enum Outcome {
 
 #[derive(ToSchema)]
 pub struct SettleRequest {
+    #[schema(min_length = 1, max_length = 191)]
     request_id: String,
     caller: Caller,
+    #[schema(min_length = 1, max_length = 191)]
     provider: String,
+    #[schema(min_length = 1, max_length = 191)]
     model: String,
     outcome: Outcome,
     usage: Usage,
@@ -116,6 +122,7 @@ pub struct SettleRequest {
     #[serde(default)]
     authorized: bool,
     #[serde(default)]
+    #[schema(maximum = 65535)]
     upstream_status: u16,
     /// When the call ended, Unix ms.
     ended_at_ms: Option<u64>,
@@ -123,9 +130,11 @@ pub struct SettleRequest {
 
 #[derive(ToSchema)]
 pub struct VoidRequest {
+    #[schema(min_length = 1, max_length = 191)]
     request_id: String,
     reason: String,
     #[serde(default)]
+    #[schema(maximum = 65535)]
     upstream_status: u16,
 }
 
