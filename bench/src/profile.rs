@@ -1,0 +1,98 @@
+//! CPU profiles with `perf` (when installed and permitted): where the time of a process
+//! goes while a load runs, summarised by binary/library and by symbol. V8's JIT code (the
+//! wasm module itself) has no symbols for perf; it shows as its own anonymous mappings.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+/// A `perf record` attached to some processes; stop it with [`Recording::finish`].
+pub struct Recording {
+    child: Child,
+    data: std::path::PathBuf,
+}
+
+/// Start sampling `pids` (call-graphs off: the summaries are flat).
+pub fn start(dir: &Path, label: &str, pids: &[u32]) -> Result<Recording> {
+    let data = dir.join(format!("perf-{label}.data"));
+    let pid_list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let child = Command::new("perf")
+        .args(["record", "-F", "999", "-q", "-o"])
+        .arg(&data)
+        .arg("-p")
+        .arg(pid_list.join(","))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("perf record (apt-get install linux-perf)")?;
+    Ok(Recording { child, data })
+}
+
+impl Recording {
+    /// Stop sampling (SIGINT, so perf writes its file) and summarise.
+    pub fn finish(mut self) -> Result<String> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let status = self.child.wait()?;
+        if !self.data.is_file() {
+            bail!("perf record wrote nothing ({status})");
+        }
+        let by_binary = report(&self.data, "comm,dso", 1.5)?;
+        let by_symbol = report(&self.data, "comm,dso,sym", 1.0)?;
+        let _ = std::fs::remove_file(&self.data);
+        Ok(format!(
+            "By process and binary:\n{by_binary}\nTop symbols:\n{by_symbol}"
+        ))
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn report(data: &Path, sort: &str, percent_limit: f64) -> Result<String> {
+    let output = Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "-q", "--sort", sort])
+        .arg("--percent-limit")
+        .arg(percent_limit.to_string())
+        .arg("-i")
+        .arg(data)
+        .output()
+        .context("perf report")?;
+    if !output.status.success() {
+        bail!("perf report failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .take(25)
+        .map(|l| {
+            // Long C++ symbols would make the report unreadable.
+            let l = l.trim_end();
+            if l.chars().count() > 150 {
+                format!("{}…", l.chars().take(150).collect::<String>())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    Ok(lines.join("\n"))
+}
+
+/// True when `perf` can sample here.
+pub fn available() -> bool {
+    Command::new("perf")
+        .args(["stat", "-e", "task-clock", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
