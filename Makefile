@@ -43,5 +43,16 @@ fuzz:
 	PROPTEST_CASES=1000000000 FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test $(FUZZ_PROFILE) \
 		-p llm-meter-filter --lib fuzz_ -- --test-threads=2 --nocapture
 
+# Benchmark suite: proxy overhead, ledger throughput, filter core speed, growth. Writes
+# BENCHMARKS.md (and target/bench/results.json). BENCH_ARGS=--quick for a short run.
+bench: tools
+	@scripts/bench.sh
+
+# Soak (10 minutes by default, loopback only): steady mixed traffic for 1,000 users with
+# random client aborts and sidecar SIGKILL + restarts, then the ledger must reconcile.
+# Figures go to BENCHMARKS.md (soak section). SOAK_SECONDS=120 for a shorter run.
+soak: tools
+	@bash scripts/soak.sh
+
 clean-data:
 	rm -rf data

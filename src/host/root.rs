@@ -45,9 +45,15 @@ pub struct MeterRoot {
     shared: Option<Rc<Shared>>,
     /// HTTP call token and batch id of the batch in flight.
     in_flight: Option<(u32, u64)>,
-    /// The plugin is shutting down: deliver what is left, then signal `done`.
-    draining: bool,
+    /// The plugin is shutting down (e.g. its listener was reloaded and drained): keep
+    /// delivering, retries included, until the outbox is empty or this deadline (Unix ms)
+    /// passes, then signal `done`. The VM outlives the plugin, so its ticks keep coming.
+    draining_until: Option<u64>,
 }
+
+/// How long a plugin being shut down keeps retrying undelivered settlements (the sidecar
+/// may be restarting at the same moment as the configuration).
+const DRAIN_LIMIT_MS: u64 = 10 * 60 * 1000;
 
 impl MeterRoot {
     pub fn new(context_id: u32) -> MeterRoot {
@@ -55,7 +61,7 @@ impl MeterRoot {
             context_id,
             shared: None,
             in_flight: None,
-            draining: false,
+            draining_until: None,
         }
     }
 
@@ -172,14 +178,25 @@ impl MeterRoot {
         }
     }
 
-    /// Give up on what is left (shutdown could not deliver it) and let the host finish.
-    fn finish_draining(&mut self, shared: &Shared) {
-        let left = shared.outbox.borrow().len();
+    /// While draining: signal `done` once everything is delivered, or give up on what is
+    /// left at the deadline. True when done was signalled.
+    fn check_drained(&mut self, shared: &Shared) -> bool {
+        let Some(deadline) = self.draining_until else {
+            return false;
+        };
+        let left = shared.outbox.try_borrow().map_or(1, |outbox| outbox.len());
+        if left > 0 && self.now_ms() < deadline {
+            return false;
+        }
         if left > 0 {
             shared.metrics.outbox_dropped.add(left as u64);
             log::error!("llm-meter: shutting down with {left} undelivered settlements");
+        } else {
+            log::info!("llm-meter: plugin shut down after delivering every settlement");
         }
+        self.draining_until = None;
         self.done();
+        true
     }
 }
 
@@ -204,17 +221,8 @@ impl Context for MeterRoot {
                 return;
             }
         }
-        if self.draining {
-            let empty = shared.outbox.borrow().is_empty();
-            let due = shared
-                .outbox
-                .borrow()
-                .next_due_ms()
-                .is_some_and(|d| d <= self.now_ms());
-            if empty || !due {
-                self.finish_draining(&shared);
-                return;
-            }
+        if self.check_drained(&shared) {
+            return;
         }
         // More may be waiting: keep the pipe busy rather than wait for the next tick.
         self.flush(&shared);
@@ -224,16 +232,13 @@ impl Context for MeterRoot {
         let Some(shared) = self.shared.clone() else {
             return true;
         };
-        self.flush(&shared);
-        if self.in_flight.is_none() {
-            let left = shared.outbox.borrow().len();
-            if left > 0 {
-                shared.metrics.outbox_dropped.add(left as u64);
-                log::error!("llm-meter: shutting down with {left} undelivered settlements");
-            }
+        let left = shared.outbox.try_borrow().map_or(0, |outbox| outbox.len());
+        if left == 0 {
             return true;
         }
-        self.draining = true;
+        log::info!("llm-meter: plugin shutting down: delivering {left} settlements first");
+        self.draining_until = Some(self.now_ms().saturating_add(DRAIN_LIMIT_MS));
+        self.flush(&shared);
         false
     }
 }
@@ -293,6 +298,9 @@ impl RootContext for MeterRoot {
             log::warn!("llm-meter: finalize batch unanswered past its deadline, will retry");
             shared.metrics.settlement_retries.add(expired);
             self.in_flight = None;
+        }
+        if self.check_drained(&shared) {
+            return;
         }
         self.flush(&shared);
     }

@@ -10,6 +10,7 @@
 //! - [`stack::Stack`]: all of the above wired together, the usual starting point of a test.
 
 pub mod admin;
+pub mod delay_proxy;
 pub mod fixtures;
 pub mod procs;
 pub mod stack;

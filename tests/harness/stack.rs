@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::admin::Admin;
-use crate::procs::{Envoy, FilterOptions, Sidecar, ADMIN_TOKEN};
+use crate::delay_proxy::DelayProxy;
+use crate::procs::{Envoy, EnvoyOptions, FilterOptions, Sidecar, ADMIN_TOKEN};
 use crate::upstream::ScriptedUpstream;
 
 pub struct Stack {
@@ -16,6 +17,20 @@ pub struct Stack {
     pub envoy: Envoy,
     pub admin: Admin,
     pub http: reqwest::Client,
+    /// Between Envoy and the sidecar when [`StackOptions::slow_sidecar_proxy`] is set.
+    pub sidecar_proxy: Option<DelayProxy>,
+}
+
+/// Everything a test may vary about a stack.
+#[derive(Debug, Clone, Default)]
+pub struct StackOptions {
+    pub filter: FilterOptions,
+    pub sidecar_env: Vec<(String, String)>,
+    pub envoy: EnvoyOptions,
+    /// Route Envoy's calls to the sidecar through a [`DelayProxy`] (no delay until set).
+    pub slow_sidecar_proxy: bool,
+    /// A database URL instead of a fresh SQLite file.
+    pub database_url: Option<String>,
 }
 
 impl Stack {
@@ -29,11 +44,42 @@ impl Stack {
         filter: FilterOptions,
         sidecar_env: &[(&str, &str)],
     ) -> Stack {
+        let options = StackOptions {
+            filter,
+            sidecar_env: sidecar_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..StackOptions::default()
+        };
+        Stack::start_opts(label, options).await
+    }
+
+    pub async fn start_opts(label: &str, options: StackOptions) -> Stack {
         let dir = crate::scratch_dir(label);
-        let database_url = format!("sqlite://{}?mode=rwc", dir.join("ledger.db").display());
+        let database_url = options
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.join("ledger.db").display()));
         let upstream = ScriptedUpstream::start().await;
-        let sidecar = Sidecar::start(&database_url, &dir, sidecar_env);
-        let envoy = Envoy::start(&dir, sidecar.port, upstream.addr.port(), &filter);
+        let env: Vec<(&str, &str)> = options
+            .sidecar_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let sidecar = Sidecar::start(&database_url, &dir, &env);
+        let sidecar_proxy = match options.slow_sidecar_proxy {
+            true => Some(DelayProxy::start(sidecar.port).await),
+            false => None,
+        };
+        let sidecar_port = sidecar_proxy.as_ref().map_or(sidecar.port, |p| p.port);
+        let envoy = Envoy::start_with(
+            &dir,
+            sidecar_port,
+            upstream.addr.port(),
+            &options.filter,
+            &options.envoy,
+        );
         let admin = Admin::new(&sidecar.base_url(), ADMIN_TOKEN);
         Stack {
             dir,
@@ -45,6 +91,7 @@ impl Stack {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .expect("http client"),
+            sidecar_proxy,
         }
     }
 
