@@ -187,3 +187,14 @@ impl Reply {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
+
+impl Drop for Stack {
+    /// A passing test leaves nothing behind; a failing one keeps its logs and database for a look.
+    fn drop(&mut self) {
+        self.envoy.kill();
+        self.sidecar.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
