@@ -90,6 +90,18 @@ impl Outbox {
         self.len() == 0
     }
 
+    /// True once the outbox is nine-tenths full. New calls are then refused (or, under
+    /// fail-open, forwarded without a hold) so that the settlements of calls already admitted
+    /// still fit: a full outbox would have to drop a settlement, and a dropped settlement is
+    /// a call nobody pays for.
+    pub fn is_backlogged(&self) -> bool {
+        self.len() >= self.backlog_threshold()
+    }
+
+    fn backlog_threshold(&self) -> usize {
+        (self.config.capacity - self.config.capacity / 10).max(1)
+    }
+
     pub fn has_in_flight(&self) -> bool {
         self.in_flight.is_some()
     }
@@ -422,5 +434,22 @@ mod tests {
         outbox.on_batch_failed(batch.id, 0); // "a" due at 100
         outbox.push(item("b"), 10);
         assert_eq!(ids(&outbox.next_batch(10).unwrap()), ["b"]);
+    }
+
+    #[test]
+    fn backlog_is_signalled_before_anything_would_be_dropped() {
+        let mut outbox = Outbox::new(OutboxConfig {
+            capacity: 10,
+            ..config()
+        });
+        for i in 0..8 {
+            assert!(!outbox.is_backlogged(), "at {i}");
+            assert_eq!(outbox.push(item(&format!("r{i}")), 0), PushResult::Queued);
+        }
+        assert!(!outbox.is_backlogged());
+        assert_eq!(outbox.push(item("r8"), 0), PushResult::Queued);
+        assert!(outbox.is_backlogged(), "nine of ten: refuse new calls");
+        // The calls already admitted can still settle.
+        assert_eq!(outbox.push(item("r9"), 0), PushResult::Queued);
     }
 }

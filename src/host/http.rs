@@ -142,6 +142,15 @@ impl MeterHttp {
             requested_images: request.requested_images,
             stream: request.stream,
         };
+        if shared.settlements_backlogged() {
+            // Settlements are not being delivered fast enough: admitting more calls now
+            // would eventually overflow the outbox and lose what they owe.
+            let outcome = lifecycle::AuthorizeOutcome::Unavailable(
+                "settlement backlog: the outbox is nearly full".into(),
+            );
+            let admission = lifecycle::admission(outcome, config.failure_mode);
+            return self.admit(shared, pending, request, admission, false);
+        }
         let dispatched = serde_json::to_vec(&message)
             .map_err(|e| format!("cannot serialise: {e}"))
             .and_then(|body| {

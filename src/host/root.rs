@@ -23,6 +23,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Whether the outbox is too full to admit another call (see `Outbox::is_backlogged`).
+    pub fn settlements_backlogged(&self) -> bool {
+        self.outbox
+            .try_borrow()
+            .map(|outbox| outbox.is_backlogged())
+            .unwrap_or(false)
+    }
+
     /// Queue a settlement or void for delivery by the root context.
     pub fn enqueue(&self, item: Finalize, now_ms: u64) {
         let request_id = item.request_id().to_string();
