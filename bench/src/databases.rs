@@ -57,7 +57,10 @@ impl BenchDb {
         );
         let (url, drop_sql) = match backend {
             Backend::Sqlite => (
-                format!("sqlite://{}?mode=rwc", dir.join(format!("{name}.db")).display()),
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.join(format!("{name}.db")).display()
+                ),
                 None,
             ),
             Backend::Postgres | Backend::MariaDb => {

@@ -65,7 +65,8 @@ impl Envoy {
         let config = render(variant, port, admin_port, upstream_port);
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, config)?;
-        let mut command = Command::new(std::env::var("ENVOY_BIN").unwrap_or_else(|_| "envoy".into()));
+        let mut command =
+            Command::new(std::env::var("ENVOY_BIN").unwrap_or_else(|_| "envoy".into()));
         command
             .arg("-c")
             .arg(&config_path)
@@ -100,7 +101,10 @@ impl Envoy {
 fn render(variant: Variant, port: u16, admin_port: u16, upstream_port: u16) -> String {
     let (wasm_filter, extra_cluster) = match variant {
         Variant::Plain => (String::new(), String::new()),
-        Variant::EmptyWasm => (wasm_filter_yaml("bench_empty", &baseline_wasm(), ""), String::new()),
+        Variant::EmptyWasm => (
+            wasm_filter_yaml("bench_empty", &baseline_wasm(), ""),
+            String::new(),
+        ),
         Variant::CalloutWasm => (
             wasm_filter_yaml("bench_callout", &baseline_wasm(), "callout:bench_callout"),
             cluster_yaml("bench_callout", upstream_port),

@@ -58,7 +58,9 @@ pub async fn run(
     };
     for &backend in backends {
         eprintln!("bench: growth on {}", backend.label());
-        if let Err(e) = run_backend(dir, backend, user_levels, lot_levels, pairs, &mut section).await {
+        if let Err(e) =
+            run_backend(dir, backend, user_levels, lot_levels, pairs, &mut section).await
+        {
             section.failures.push(format!("{}: {e:#}", backend.label()));
         }
     }
@@ -129,7 +131,10 @@ async fn run_backend(
                     .with_context(|| format!("grant lot {i} of {user}"))?;
             }
             let grow_seconds = started.elapsed().as_secs_f64();
-            let mut point = measure(&ledger, backend, pairs, &format!("l{lots}"), |_| user.clone()).await;
+            let mut point = measure(&ledger, backend, pairs, &format!("l{lots}"), |_| {
+                user.clone()
+            })
+            .await;
             point.size = lots;
             point.grow_seconds = grow_seconds;
             eprintln!(
@@ -162,7 +167,9 @@ async fn measure(
         let user = user_of(n);
         let request_id = format!("grow-{label}-{n}");
         let started = Instant::now();
-        let authorized = ledger.authorize(&authorize_request(&request_id, &user)).await;
+        let authorized = ledger
+            .authorize(&authorize_request(&request_id, &user))
+            .await;
         let authorize_elapsed = started.elapsed().as_micros() as u64;
         if !matches!(&authorized, Ok(r) if r.decision == Decision::Allow) {
             continue;
@@ -221,7 +228,9 @@ fn replacement(column: &str) -> Option<&'static str> {
     match column {
         "user_id" => Some("'grow-' || n.i"),
         "source_id" => Some("'grow-lot-' || n.i"),
-        "request_id" => Some("CASE WHEN t.request_id IS NULL THEN NULL ELSE 'grow-req-' || n.i END"),
+        "request_id" => {
+            Some("CASE WHEN t.request_id IS NULL THEN NULL ELSE 'grow-req-' || n.i END")
+        }
         _ => None,
     }
 }
@@ -250,7 +259,11 @@ fn copy_sql(table: &str, columns: &str, from: u64, to: u64) -> String {
     let select: Vec<String> = columns
         .split(',')
         .map(str::trim)
-        .map(|c| replacement(c).map(str::to_string).unwrap_or(format!("t.{c}")))
+        .map(|c| {
+            replacement(c)
+                .map(str::to_string)
+                .unwrap_or(format!("t.{c}"))
+        })
         .collect();
     format!(
         "WITH RECURSIVE n(i) AS (SELECT {from} UNION ALL SELECT i + 1 FROM n WHERE i < {last}) \

@@ -67,6 +67,8 @@ impl OverdrawCheck {
 #[derive(Debug, Clone, Serialize)]
 pub struct LedgerSection {
     pub cells: Vec<LedgerCell>,
+    /// `perf` summary of this process during the SQLite, concurrency 16, many-users cell.
+    pub sqlite_profile: Option<String>,
     pub overdraw: Vec<OverdrawCheck>,
     pub failures: Vec<String>,
 }
@@ -80,6 +82,7 @@ pub async fn run(
 ) -> LedgerSection {
     let mut section = LedgerSection {
         cells: Vec::new(),
+        sqlite_profile: None,
         overdraw: Vec::new(),
         failures: Vec::new(),
     };
@@ -87,9 +90,7 @@ pub async fn run(
         eprintln!("bench: ledger on {}", backend.label());
         match run_backend(dir, backend, concurrencies, seconds, &mut section).await {
             Ok(()) => {}
-            Err(e) => section
-                .failures
-                .push(format!("{}: {e:#}", backend.label())),
+            Err(e) => section.failures.push(format!("{}: {e:#}", backend.label())),
         }
     }
     section
@@ -111,8 +112,25 @@ async fn run_backend(
         seed::grant(&ledger, "bench-hot-user", 1_000_000_000_000, "bench-hot").await?;
         for (round, &concurrency) in concurrencies.iter().enumerate() {
             for spread in [Spread::ManyUsers, Spread::HotUser] {
-                let label = format!("r{round}{}", if spread == Spread::HotUser { "h" } else { "m" });
+                let label = format!(
+                    "r{round}{}",
+                    if spread == Spread::HotUser { "h" } else { "m" }
+                );
+                let profiled = backend == Backend::Sqlite
+                    && concurrency == 16
+                    && spread == Spread::ManyUsers
+                    && crate::profile::available();
+                let recording = profiled
+                    .then(|| crate::profile::start(dir, "ledger", &[std::process::id()]).ok())
+                    .flatten();
                 let cell = run_cell(&ledger, backend, concurrency, spread, seconds, &label).await;
+                if let Some(recording) = recording {
+                    section.sqlite_profile = Some(
+                        recording
+                            .finish()
+                            .unwrap_or_else(|e| format!("profile failed: {e:#}")),
+                    );
+                }
                 eprintln!(
                     "bench:   c={concurrency:<3} {spread:?}: {:.0} pairs/s",
                     cell.pairs_per_s
@@ -163,13 +181,19 @@ async fn run_cell(
             while Instant::now() < deadline {
                 let user = match spread {
                     Spread::HotUser => "bench-hot-user".to_string(),
-                    Spread::ManyUsers => seed::user_name((task * 7919 + n * 104_729) % SPREAD_USERS),
+                    Spread::ManyUsers => {
+                        seed::user_name((task * 7919 + n * 104_729) % SPREAD_USERS)
+                    }
                 };
                 let request_id = format!("{label}-{task}-{n}");
                 n += 1;
                 let started = Instant::now();
-                let authorized = ledger.authorize(&authorize_request(&request_id, &user)).await;
-                tally.authorize_us.push(started.elapsed().as_micros() as u64);
+                let authorized = ledger
+                    .authorize(&authorize_request(&request_id, &user))
+                    .await;
+                tally
+                    .authorize_us
+                    .push(started.elapsed().as_micros() as u64);
                 match authorized {
                     Ok(response) if response.decision == Decision::Allow => {}
                     Ok(_) => {
@@ -249,13 +273,20 @@ async fn drain(
             while consecutive_denials < 3 && Instant::now() < deadline {
                 let request_id = format!("drain-{task}-{n}");
                 n += 1;
-                match ledger.authorize(&authorize_request(&request_id, user)).await {
+                match ledger
+                    .authorize(&authorize_request(&request_id, user))
+                    .await
+                {
                     Ok(r) if r.decision == Decision::Allow => {
                         consecutive_denials = 0;
                         allowed.fetch_add(1, Ordering::Relaxed);
                         // Retry transient trouble: a lost settlement would leave a hold.
                         for _ in 0..20 {
-                            if ledger.settle(&settle_request(&request_id, user)).await.is_ok() {
+                            if ledger
+                                .settle(&settle_request(&request_id, user))
+                                .await
+                                .is_ok()
+                            {
                                 break;
                             }
                         }

@@ -32,6 +32,8 @@ pub mod openloop;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod procs;
 #[cfg(not(target_arch = "wasm32"))]
+pub mod profile;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod proxy;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod report;

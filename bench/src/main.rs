@@ -92,16 +92,16 @@ async fn run(args: &Args) -> Result<()> {
 
     if wants("core") {
         eprintln!("bench: filter core, native and wasm");
-        let seconds = if args.quick { 0.6 } else { 1.5 };
+        let seconds = if args.quick { 0.6 } else { 1.2 };
         results.core_native = Some(run_core(false, seconds).map_err(|e| format!("{e:#}")));
         results.core_wasm = Some(run_core(true, seconds).map_err(|e| format!("{e:#}")));
     }
     if wants("proxy") {
         let plan = proxy::ProxyPlan {
             rounds: if args.quick { 2 } else { 3 },
-            closed_seconds: if args.quick { 2 } else { 4 },
+            closed_seconds: if args.quick { 2 } else { 3 },
             warmup_seconds: if args.quick { 1 } else { 2 },
-            open_seconds: if args.quick { 2.0 } else { 4.0 },
+            open_seconds: if args.quick { 2.0 } else { 3.0 },
             connections: 32,
             open_connections: 64,
             users: 1000,
@@ -110,7 +110,7 @@ async fn run(args: &Args) -> Result<()> {
         results.proxy = Some(proxy::run(&plan).await.map_err(|e| format!("{e:#}")));
     }
     if wants("ledger") {
-        let seconds = if args.quick { 1.0 } else { 3.0 };
+        let seconds = if args.quick { 1.0 } else { 2.0 };
         let backends = [Backend::Sqlite, Backend::Postgres, Backend::MariaDb];
         results.ledger = Some(ledger_bench::run(&dir, &backends, &[1, 16, 64], seconds).await);
     }
@@ -118,7 +118,7 @@ async fn run(args: &Args) -> Result<()> {
         let (levels, pairs): (&[u64], usize) = if args.quick {
             (&[10_000, 100_000], 300)
         } else {
-            (&[10_000, 100_000, 1_000_000], 1000)
+            (&[10_000, 100_000, 1_000_000], 500)
         };
         let backends = [Backend::Sqlite, Backend::Postgres];
         results.growth = Some(growth::run(&dir, &backends, levels, &[1, 100, 1000], pairs).await);
@@ -132,7 +132,8 @@ async fn run(args: &Args) -> Result<()> {
     std::fs::write(&args.json, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("write {}", args.json.display()))?;
     let markdown = report::render(&results);
-    std::fs::write(&args.out, &markdown).with_context(|| format!("write {}", args.out.display()))?;
+    std::fs::write(&args.out, &markdown)
+        .with_context(|| format!("write {}", args.out.display()))?;
     eprintln!(
         "bench: wrote {} and {} in {:.0} s",
         args.out.display(),
@@ -182,9 +183,11 @@ fn parse_core_output(stdout: &str, corpus: &[PathBuf]) -> Result<CoreRun> {
         let value: serde_json::Value =
             serde_json::from_str(line).with_context(|| format!("core bench line {line}"))?;
         if let Some(speed) = value.get("speed") {
-            run.speeds.push(serde_json::from_value::<SpeedResult>(speed.clone())?);
+            run.speeds
+                .push(serde_json::from_value::<SpeedResult>(speed.clone())?);
         } else if let Some(memory) = value.get("memory") {
-            run.memory.push(serde_json::from_value::<MemoryResult>(memory.clone())?);
+            run.memory
+                .push(serde_json::from_value::<MemoryResult>(memory.clone())?);
         }
     }
     Ok(run)

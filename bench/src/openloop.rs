@@ -55,7 +55,10 @@ pub struct OpenLoopPlan {
 
 /// Percentiles over every sample of `runs`.
 pub fn summarize(runs: &[OpenLoopSamples]) -> OpenLoop {
-    let mut latencies: Vec<u64> = runs.iter().flat_map(|r| r.latencies_us.iter().copied()).collect();
+    let mut latencies: Vec<u64> = runs
+        .iter()
+        .flat_map(|r| r.latencies_us.iter().copied())
+        .collect();
     latencies.sort_unstable();
     let seconds: f64 = runs.iter().map(|r| r.seconds).sum();
     OpenLoop {
@@ -108,7 +111,9 @@ async fn run_async(plan: OpenLoopPlan) -> Result<OpenLoopSamples> {
         latencies.extend(outcome.latencies_us);
         failed += outcome.failed;
     }
-    let elapsed = Instant::now().saturating_duration_since(start).as_secs_f64();
+    let elapsed = Instant::now()
+        .saturating_duration_since(start)
+        .as_secs_f64();
     Ok(OpenLoopSamples {
         target_rate: plan.rate,
         seconds: elapsed.max(plan.seconds),
@@ -126,7 +131,9 @@ async fn drive_connection(
 ) -> ConnectionOutcome {
     let body = Bytes::from(chat_request_body(plan.stream, 300));
     let mut outcome = ConnectionOutcome {
-        latencies_us: Vec::with_capacity(((end - first).as_secs_f64() / interval.as_secs_f64()) as usize + 1),
+        latencies_us: Vec::with_capacity(
+            ((end - first).as_secs_f64() / interval.as_secs_f64()) as usize + 1,
+        ),
         failed: 0,
     };
     let mut sender = None;
@@ -145,9 +152,11 @@ async fn drive_connection(
         }
         let user = format!("bench-user-{}", (index + n * 7919) % plan.users.max(1));
         let ok = match sender.as_mut() {
-            Some(s) => tokio::time::timeout(REQUEST_TIMEOUT, send(s, plan.port, &user, body.clone()))
-                .await
-                .unwrap_or(false),
+            Some(s) => {
+                tokio::time::timeout(REQUEST_TIMEOUT, send(s, plan.port, &user, body.clone()))
+                    .await
+                    .unwrap_or(false)
+            }
             None => false,
         };
         if ok {

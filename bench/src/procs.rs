@@ -69,7 +69,9 @@ pub fn http_get_body(port: u16, path: &str) -> Option<String> {
     stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
 }
 
 /// A blocking `POST` with `Connection: close`; status and raw body (chunked framing kept).
@@ -202,4 +204,29 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Median time of one 4 KiB write + fdatasync in `dir` (µs): what one durable commit costs
+/// this disk at least, the floor under every database transaction that must survive a crash.
+pub fn fsync_probe_us(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .ok()?;
+    let block = [0x5au8; 4096];
+    let mut samples = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        file.write_all(&block).ok()?;
+        file.sync_data().ok()?;
+        samples.push(started.elapsed().as_micros() as u64);
+    }
+    let _ = std::fs::remove_file(&path);
+    samples.sort_unstable();
+    Some(samples[samples.len() / 2])
 }

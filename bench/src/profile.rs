@@ -67,7 +67,10 @@ fn report(data: &Path, sort: &str, percent_limit: f64) -> Result<String> {
         .output()
         .context("perf report")?;
     if !output.status.success() {
-        bail!("perf report failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "perf report failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let text = String::from_utf8_lossy(&output.stdout);
     let lines: Vec<String> = text

@@ -93,9 +93,17 @@ impl StandRun {
     }
 }
 
+/// A `perf` summary taken while one stand ran a closed loop.
+#[derive(Debug, Clone, Serialize)]
+pub struct Profile {
+    pub label: String,
+    pub summary: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ProxySection {
     pub runs: Vec<StandRun>,
+    pub profiles: Vec<Profile>,
     pub rounds: usize,
     pub json_rate: f64,
     pub stream_rate: f64,
@@ -140,6 +148,11 @@ pub async fn run(plan: &ProxyPlan) -> Result<ProxySection> {
         }
     }
     let result = measure(plan, &mut stands).await;
+    let profiles = if result.is_ok() {
+        profile_stands(plan, &stands)
+    } else {
+        Vec::new()
+    };
     let mut runs = Vec::new();
     for stand in &stands {
         runs.push(summarize(stand));
@@ -151,6 +164,7 @@ pub async fn run(plan: &ProxyPlan) -> Result<ProxySection> {
     add_ratios(&mut runs);
     Ok(ProxySection {
         runs,
+        profiles,
         rounds: plan.rounds,
         json_rate,
         stream_rate,
@@ -170,7 +184,11 @@ fn smoke(port: u16, envoy: &Envoy) -> Result<()> {
             &body,
             Duration::from_secs(10),
         );
-        let expected = if stream { "[DONE]" } else { "completion_tokens" };
+        let expected = if stream {
+            "[DONE]"
+        } else {
+            "completion_tokens"
+        };
         match answer {
             Some((200, text)) if text.contains(expected) => {}
             Some((status, text)) => bail!(
@@ -195,28 +213,51 @@ async fn measure(plan: &ProxyPlan, stands: &mut [Stand]) -> Result<(f64, f64)> {
         eprintln!("bench: proxy warm-up, {}", stand.label);
         // V8 tiers the module up, connection pools fill, the sidecar's caches load.
         for stream in [false, true] {
-            wrk::run(&stand.dir, stand.envoy.port, stream, plan.users, plan.connections, plan.warmup_seconds)
-                .with_context(|| format!("warm-up of {}", stand.label))?;
+            wrk::run(
+                &stand.dir,
+                stand.envoy.port,
+                stream,
+                plan.users,
+                plan.connections,
+                plan.warmup_seconds,
+            )
+            .with_context(|| format!("warm-up of {}", stand.label))?;
         }
     }
     for round in 0..plan.rounds {
-        eprintln!("bench: proxy closed loop, round {}/{}", round + 1, plan.rounds);
+        eprintln!(
+            "bench: proxy closed loop, round {}/{}",
+            round + 1,
+            plan.rounds
+        );
         for (shape, stream) in [false, true].into_iter().enumerate() {
             for stand in stands.iter_mut() {
                 let envoy_before = cpu_seconds(stand.envoy.proc.pid()).unwrap_or(0.0);
                 let sidecar_pid = stand.sidecar.as_ref().map(|s| s.proc.pid());
                 let sidecar_before = sidecar_pid.and_then(cpu_seconds).unwrap_or(0.0);
-                let closed = wrk::run(&stand.dir, stand.envoy.port, stream, plan.users, plan.connections, plan.closed_seconds)?;
+                let closed = wrk::run(
+                    &stand.dir,
+                    stand.envoy.port,
+                    stream,
+                    plan.users,
+                    plan.connections,
+                    plan.closed_seconds,
+                )?;
                 let tally = &mut stand.cpu[shape];
-                tally.envoy_seconds += cpu_seconds(stand.envoy.proc.pid()).unwrap_or(0.0) - envoy_before;
-                tally.sidecar_seconds += sidecar_pid.and_then(cpu_seconds).unwrap_or(0.0) - sidecar_before;
+                tally.envoy_seconds +=
+                    cpu_seconds(stand.envoy.proc.pid()).unwrap_or(0.0) - envoy_before;
+                tally.sidecar_seconds +=
+                    sidecar_pid.and_then(cpu_seconds).unwrap_or(0.0) - sidecar_before;
                 tally.requests += closed.requests;
                 stand.closed[shape].push(closed);
             }
         }
     }
     let plain_rps = |shape: usize| -> f64 {
-        let rates: Vec<f64> = stands[0].closed[shape].iter().map(|c| c.requests_per_s).collect();
+        let rates: Vec<f64> = stands[0].closed[shape]
+            .iter()
+            .map(|c| c.requests_per_s)
+            .collect();
         (median(&rates) / 2.0).floor().max(1.0)
     };
     let rates = [plain_rps(0), plain_rps(1)];
@@ -238,12 +279,61 @@ async fn measure(plan: &ProxyPlan, stands: &mut [Stand]) -> Result<(f64, f64)> {
                     seconds: plan.open_seconds,
                     connections: plan.open_connections,
                 };
-                let samples = tokio::task::spawn_blocking(move || openloop::run(open_plan)).await??;
+                let samples =
+                    tokio::task::spawn_blocking(move || openloop::run(open_plan)).await??;
                 stand.open[shape].push(samples);
             }
         }
     }
     Ok((rates[0], rates[1]))
+}
+
+/// Profiles of plain Envoy and of the first metering stand (Envoy and sidecar together)
+/// under the closed loop, when `perf` is usable here.
+fn profile_stands(plan: &ProxyPlan, stands: &[Stand]) -> Vec<Profile> {
+    if !crate::profile::available() {
+        return vec![Profile {
+            label: "no profile".into(),
+            summary: "`perf` is not installed or not permitted here (apt-get install linux-perf)"
+                .into(),
+        }];
+    }
+    let mut profiles = Vec::new();
+    let metering = stands.iter().find(|s| s.sidecar.is_some());
+    let plain = stands
+        .iter()
+        .find(|s| s.backend.is_none() && s.label == Variant::Plain.label());
+    let targets = [(plain, false), (metering, false), (metering, true)];
+    for (stand, stream) in targets {
+        let Some(stand) = stand else { continue };
+        let mut pids = vec![stand.envoy.proc.pid()];
+        pids.extend(stand.sidecar.as_ref().map(|s| s.proc.pid()));
+        let label = format!(
+            "{}{}, {} closed loop",
+            stand.label,
+            stand
+                .backend
+                .map_or(String::new(), |b| format!(" ({})", b.label())),
+            if stream { "streamed" } else { "non-streamed" }
+        );
+        eprintln!("bench: profiling {label}");
+        let summary = crate::profile::start(&stand.dir, "proxy", &pids).and_then(|recording| {
+            wrk::run(
+                &stand.dir,
+                stand.envoy.port,
+                stream,
+                plan.users,
+                plan.connections,
+                plan.closed_seconds,
+            )?;
+            recording.finish()
+        });
+        profiles.push(Profile {
+            label,
+            summary: summary.unwrap_or_else(|e| format!("profile failed: {e:#}")),
+        });
+    }
+    profiles
 }
 
 fn summarize(stand: &Stand) -> StandRun {
@@ -260,7 +350,10 @@ fn summarize(stand: &Stand) -> StandRun {
             closed_p99_us: median(&p99) as u64,
             errors: closed.iter().map(|c| c.non_2xx + c.socket_errors).sum(),
             envoy_cpu_us: per_request(cpu.envoy_seconds),
-            sidecar_cpu_us: stand.sidecar.as_ref().map(|_| per_request(cpu.sidecar_seconds)),
+            sidecar_cpu_us: stand
+                .sidecar
+                .as_ref()
+                .map(|_| per_request(cpu.sidecar_seconds)),
             open: (!stand.open[i].is_empty()).then(|| openloop::summarize(&stand.open[i])),
         }
     };
@@ -270,7 +363,7 @@ fn summarize(stand: &Stand) -> StandRun {
         json: shape(0),
         stream: shape(1),
         filter_stats: if stand.sidecar.is_some() {
-            stand.envoy.stats_matching("llm_meter")
+            stand.envoy.stats_matching("wasmcustom.llm_meter.")
         } else {
             Vec::new()
         },
@@ -287,7 +380,11 @@ fn add_ratios(runs: &mut [StandRun]) {
     for run in runs.iter_mut() {
         for stream in [false, true] {
             let base = plain.shape(stream).closed_rps.clone();
-            let figures = if stream { &mut run.stream } else { &mut run.json };
+            let figures = if stream {
+                &mut run.stream
+            } else {
+                &mut run.json
+            };
             figures.ratio_to_plain = figures
                 .closed_rps
                 .iter()
@@ -315,7 +412,11 @@ fn start_stand(variant: Variant, upstream: &Upstream) -> Result<Stand> {
     })
 }
 
-async fn start_metering_stand(plan: &ProxyPlan, upstream: &Upstream, backend: Backend) -> Result<Stand> {
+async fn start_metering_stand(
+    plan: &ProxyPlan,
+    upstream: &Upstream,
+    backend: Backend,
+) -> Result<Stand> {
     let dir = scratch_dir("proxy-meter")?;
     let database = BenchDb::create(backend, &dir, "proxy").await?;
     let started = async {
@@ -332,9 +433,8 @@ async fn start_metering_stand(plan: &ProxyPlan, upstream: &Upstream, backend: Ba
             },
             upstream.port(),
         )?;
-        smoke(envoy.port, &envoy).map_err(|e| {
-            e.context(format!("sidecar log tail:\n{}", sidecar.proc.log_tail(20)))
-        })?;
+        smoke(envoy.port, &envoy)
+            .map_err(|e| e.context(format!("sidecar log tail:\n{}", sidecar.proc.log_tail(20))))?;
         Ok::<_, anyhow::Error>((sidecar, envoy))
     }
     .await;

@@ -27,6 +27,8 @@ pub struct Meta {
     pub load_after: String,
     pub seconds: f64,
     pub quick: bool,
+    /// Median 4 KiB write + fdatasync on the scratch disk (µs).
+    pub fsync_us: Option<u64>,
 }
 
 impl Meta {
@@ -56,6 +58,7 @@ impl Meta {
             load_after: String::new(),
             seconds: 0.0,
             quick,
+            fsync_us: crate::procs::fsync_probe_us(&std::env::temp_dir()),
         }
     }
 
@@ -140,7 +143,7 @@ pub fn render(results: &Results) -> String {
     let _ = writeln!(
         out,
         "Written by `make bench` ({}) on {}, commit `{}`: {} cores ({}), Envoy {}, {:.0} s end to end. \
-         Load average {} before, {} after. Every ratio compares figures measured side by side in this \
+         Load average {} before, {} after; one 4 KiB write + fdatasync takes {} µs on this disk (median). Every ratio compares figures measured side by side in this \
          one run on the same machine; absolute figures move with the machine, ratios much less.\n",
         if meta.quick { "quick mode" } else { "full" },
         meta.date,
@@ -151,6 +154,7 @@ pub fn render(results: &Results) -> String {
         meta.seconds,
         meta.load_before,
         meta.load_after,
+        meta.fsync_us.map_or("?".into(), |u| u.to_string()),
     );
     let proxy = results.proxy.as_ref().and_then(|p| p.as_ref().ok());
     let native = results.core_native.as_ref().and_then(|c| c.as_ref().ok());
@@ -229,17 +233,28 @@ fn verdicts(
     for stream in [false, true] {
         let added = sqlite_meter.and_then(|(p, m)| added_latency(p, m, stream));
         let rate = proxy.map(|p| if stream { p.stream_rate } else { p.json_rate });
-        v.push(Verdict::new(
-            &format!(
-                "p99 added latency at half load <= 1 ms ({}, SQLite)",
-                if stream { "streaming, to the last byte" } else { "non-streaming" }
-            ),
-            match (added, rate) {
-                (Some((_, p99, _)), Some(rate)) => format!("{p99:+} µs at {rate:.0} req/s"),
-                _ => "-".into(),
-            },
-            added.map(|(_, p99, _)| p99 <= 1000),
-        ));
+        let capacity = sqlite_meter.map(|(_, m)| m.shape(stream).median_rps());
+        let target = format!(
+            "p99 added latency at half load <= 1 ms ({}, SQLite)",
+            if stream {
+                "streaming, to the last byte"
+            } else {
+                "non-streaming"
+            }
+        );
+        match (added, rate, capacity) {
+            (Some(_), Some(rate), Some(capacity)) if capacity < rate => v.push(Verdict::new(
+                &target,
+                format!("overloaded: capacity {capacity:.0} req/s < {rate:.0} req/s"),
+                Some(false),
+            )),
+            (Some((_, p99, _)), Some(rate), _) => v.push(Verdict::new(
+                &target,
+                format!("{p99:+} µs at {rate:.0} req/s"),
+                Some(p99 <= 1000),
+            )),
+            _ => v.push(Verdict::new(&target, "-".into(), None)),
+        }
     }
     let stream_ratio = ratio(true);
     v.push(Verdict::new(
@@ -385,7 +400,11 @@ fn render_proxy(out: &mut String, results: &Results) {
             if stream { "Streaming" } else { "Non-streaming" }
         );
         let unit = if stream { "chunks/s" } else { "req/s" };
-        let per_request = if stream { CHUNKS_PER_STREAM as f64 } else { 1.0 };
+        let per_request = if stream {
+            CHUNKS_PER_STREAM as f64
+        } else {
+            1.0
+        };
         let _ = writeln!(
             out,
             "| variant | closed loop {unit} (median) | vs plain (median of per-round ratios) | wrk p50 / p99 | open loop p50 / p99 / p99.9 | added p50 / p99 / p99.9 | errors | Envoy CPU/req | sidecar CPU/req |"
@@ -409,16 +428,31 @@ fn render_proxy(out: &mut String, results: &Results) {
                 )
             };
             let open = figures.open.as_ref().map_or("-".into(), |o| {
+                if figures.median_rps() < o.target_rate || o.achieved_rate < 0.9 * o.target_rate {
+                    return format!(
+                        "overloaded: capacity {:.0} req/s < {:.0} req/s (p50 {} ms)",
+                        figures.median_rps(),
+                        o.target_rate,
+                        o.p50_us / 1000
+                    );
+                }
                 format!(
                     "{} / {} / {} µs{}",
                     o.p50_us,
                     o.p99_us,
                     o.p999_us,
-                    if o.failed > 0 { format!(" ({} failed)", o.failed) } else { String::new() }
+                    if o.failed > 0 {
+                        format!(" ({} failed)", o.failed)
+                    } else {
+                        String::new()
+                    }
                 )
             });
+            let overloaded = figures.open.as_ref().is_some_and(|o| {
+                figures.median_rps() < o.target_rate || o.achieved_rate < 0.9 * o.target_rate
+            });
             let added = added_latency(proxy, run, stream)
-                .filter(|_| !run.is_plain())
+                .filter(|_| !run.is_plain() && !overloaded)
                 .map_or("-".into(), |(a, b, c)| format!("{a:+} / {b:+} / {c:+} µs"));
             let name = match run.backend {
                 Some(b) => format!("{} ({b})", run.label),
@@ -490,21 +524,35 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
         "| backend | concurrency | many users pairs/s | hot user pairs/s | authorize p50 / p99 (many) | settle p50 / p99 (many) | authorize p50 / p99 (hot) | errors |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
-    let mut keys: Vec<(&str, usize)> = ledger.cells.iter().map(|c| (c.backend, c.concurrency)).collect();
+    let mut keys: Vec<(&str, usize)> = ledger
+        .cells
+        .iter()
+        .map(|c| (c.backend, c.concurrency))
+        .collect();
     keys.dedup();
     for (backend, concurrency) in keys {
         let many = ledger_cell(ledger, backend, concurrency, Spread::ManyUsers);
         let hot = ledger_cell(ledger, backend, concurrency, Spread::HotUser);
-        let rate = |c: Option<&LedgerCell>| c.map_or("-".into(), |c| format!("{:.0}", c.pairs_per_s));
+        let rate =
+            |c: Option<&LedgerCell>| c.map_or("-".into(), |c| format!("{:.0}", c.pairs_per_s));
         let errors = many.map_or(0, |c| c.errors) + hot.map_or(0, |c| c.errors);
         let _ = writeln!(
             out,
             "| {backend} | {concurrency} | {} | {} | {} | {} | {} | {errors} |",
             rate(many),
             rate(hot),
-            many.map_or("-".into(), |c| format!("{} / {} µs", c.authorize_p50_us, c.authorize_p99_us)),
-            many.map_or("-".into(), |c| format!("{} / {} µs", c.settle_p50_us, c.settle_p99_us)),
-            hot.map_or("-".into(), |c| format!("{} / {} µs", c.authorize_p50_us, c.authorize_p99_us)),
+            many.map_or("-".into(), |c| format!(
+                "{} / {} µs",
+                c.authorize_p50_us, c.authorize_p99_us
+            )),
+            many.map_or("-".into(), |c| format!(
+                "{} / {} µs",
+                c.settle_p50_us, c.settle_p99_us
+            )),
+            hot.map_or("-".into(), |c| format!(
+                "{} / {} µs",
+                c.authorize_p50_us, c.authorize_p99_us
+            )),
         );
     }
     out.push('\n');
@@ -514,7 +562,10 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
             "Zero overdraw: one user granted exactly 500 calls' worth, then hammered by concurrent tasks until \
              every call is denied.\n"
         );
-        let _ = writeln!(out, "| backend | tasks | admitted / expected | remaining | held | debt | reconcile |");
+        let _ = writeln!(
+            out,
+            "| backend | tasks | admitted / expected | remaining | held | debt | reconcile |"
+        );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|");
         for d in &ledger.overdraw {
             let _ = writeln!(
@@ -531,6 +582,12 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
             );
         }
         out.push('\n');
+    }
+    if let Some(profile) = &ledger.sqlite_profile {
+        let _ = writeln!(
+            out,
+            "<details><summary>perf profile: ledger on SQLite, concurrency 16, many users (this process)</summary>\n\n```text\n{profile}\n```\n</details>\n"
+        );
     }
     for failure in &ledger.failures {
         let _ = writeln!(out, "- Not measured: {failure}");
@@ -571,15 +628,20 @@ fn render_core(out: &mut String, results: &Results) {
         "| case | bytes / chunks | native MB/s | native chunks/s | wasm MB/s | wasm chunks/s | wasm / native |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|");
-    let cases: Vec<&SpeedResult> = native.or(wasm).map(|r| r.speeds.iter().collect()).unwrap_or_default();
+    let cases: Vec<&SpeedResult> = native
+        .or(wasm)
+        .map(|r| r.speeds.iter().collect())
+        .unwrap_or_default();
     for case in cases {
         let n = native.and_then(|r| r.speed(&case.case));
         let w = wasm.and_then(|r| r.speed(&case.case));
         let mb = |s: Option<&SpeedResult>| s.map_or("-".into(), |s| format!("{:.0}", s.mb_per_s));
-        let chunks = |s: Option<&SpeedResult>| s.map_or("-".into(), |s| format!("{:.2} M", s.chunks_per_s / 1e6));
-        let ratio = n
-            .zip(w)
-            .map_or("-".into(), |(n, w)| format!("{:.2}", w.mb_per_s / n.mb_per_s));
+        let chunks = |s: Option<&SpeedResult>| {
+            s.map_or("-".into(), |s| format!("{:.2} M", s.chunks_per_s / 1e6))
+        };
+        let ratio = n.zip(w).map_or("-".into(), |(n, w)| {
+            format!("{:.2}", w.mb_per_s / n.mb_per_s)
+        });
         let _ = writeln!(
             out,
             "| {} | {} B / {} | {} | {} | {} | {} | {ratio} |",
@@ -598,17 +660,31 @@ fn render_core(out: &mut String, results: &Results) {
         "Memory (heap bytes counted by a global allocator, so the figures are exact):\n"
     );
     let _ = writeln!(out, "| case | native | wasm |\n|---|---|---|");
-    let memory_cases: Vec<&MemoryResult> = native.or(wasm).map(|r| r.memory.iter().collect()).unwrap_or_default();
+    let memory_cases: Vec<&MemoryResult> = native
+        .or(wasm)
+        .map(|r| r.memory.iter().collect())
+        .unwrap_or_default();
     for m in memory_cases {
-        let get = |r: Option<&CoreRun>| r.and_then(|r| r.memory(&m.case)).map_or("-".into(), |b| format!("{b} B"));
-        let _ = writeln!(out, "| {} | {} | {} |", describe_memory(&m.case), get(native), get(wasm));
+        let get = |r: Option<&CoreRun>| {
+            r.and_then(|r| r.memory(&m.case))
+                .map_or("-".into(), |b| format!("{b} B"))
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            describe_memory(&m.case),
+            get(native),
+            get(wasm)
+        );
     }
     out.push('\n');
 }
 
 fn describe_memory(case: &str) -> String {
     match case {
-        "in_flight_stream_mid_event" => "per in-flight stream, stopped mid-event (1000 streams, mean)".into(),
+        "in_flight_stream_mid_event" => {
+            "per in-flight stream, stopped mid-event (1000 streams, mean)".into()
+        }
         "peak_stream_10_chunks" => "peak while metering a 10-chunk stream".into(),
         "peak_stream_10000_chunks" => "peak while metering a 10,000-chunk stream".into(),
         "peak_stream_longest_event_1KiB" => "peak, stream whose longest event is 1 KiB".into(),
@@ -643,18 +719,37 @@ fn render_growth(
         let _ = writeln!(
             out,
             "| {} | {} | {} / {} µs | {} / {} µs | {} | {:.1} s |",
-            p.backend, p.size, p.authorize_p50_us, p.authorize_p99_us, p.settle_p50_us, p.settle_p99_us, p.pairs, p.grow_seconds
+            p.backend,
+            p.size,
+            p.authorize_p50_us,
+            p.authorize_p99_us,
+            p.settle_p50_us,
+            p.settle_p99_us,
+            p.pairs,
+            p.grow_seconds
         );
     }
     out.push('\n');
-    let _ = writeln!(out, "One user with many live lots (distinct priorities and expiries):\n");
-    let _ = writeln!(out, "| backend | live lots | authorize p50 / p99 | settle p50 / p99 | pairs |");
+    let _ = writeln!(
+        out,
+        "One user with many live lots (distinct priorities and expiries):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| backend | live lots | authorize p50 / p99 | settle p50 / p99 | pairs |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|");
     for p in &growth.lots {
         let _ = writeln!(
             out,
             "| {} | {} | {} / {} µs | {} / {} µs | {} |",
-            p.backend, p.size, p.authorize_p50_us, p.authorize_p99_us, p.settle_p50_us, p.settle_p99_us, p.pairs
+            p.backend,
+            p.size,
+            p.authorize_p50_us,
+            p.authorize_p99_us,
+            p.settle_p50_us,
+            p.settle_p99_us,
+            p.pairs
         );
     }
     out.push('\n');
@@ -708,11 +803,28 @@ fn render_bounds(out: &mut String, proxy: Option<&ProxySection>, verdicts: &[Ver
         }
         out.push('\n');
     }
+    if let Some(proxy) = proxy {
+        for profile in &proxy.profiles {
+            let _ = writeln!(
+                out,
+                "<details><summary>perf profile: {}</summary>\n\n```text\n{}\n```\n</details>\n",
+                profile.label, profile.summary
+            );
+        }
+    }
     let missed: Vec<&Verdict> = verdicts.iter().filter(|v| v.met == Some(false)).collect();
     if missed.is_empty() {
         let _ = writeln!(out, "Every measured target is met in this run.\n");
     } else {
-        let _ = writeln!(out, "Missed in this run: {}.\n", missed.iter().map(|v| v.target.as_str()).collect::<Vec<_>>().join("; "));
+        let _ = writeln!(
+            out,
+            "Missed in this run: {}.\n",
+            missed
+                .iter()
+                .map(|v| v.target.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
     }
     let notes = crate::procs::repo_root().join("bench/ANALYSIS.md");
     if let Ok(text) = std::fs::read_to_string(notes) {

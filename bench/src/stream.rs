@@ -9,7 +9,14 @@ pub const PROMPT_TOKENS: u64 = 25;
 
 /// Words the content is drawn from; each counts as one token.
 const WORDS: [&str; 8] = [
-    " the", " quick", " metering", " filter", " counts", " every", " token", " twice",
+    " the",
+    " quick",
+    " metering",
+    " filter",
+    " counts",
+    " every",
+    " token",
+    " twice",
 ];
 
 /// The streamed answer as separate SSE events (each one body chunk as a provider sends
@@ -81,7 +88,8 @@ mod tests {
     fn synthetic_stream_meters_to_its_declared_usage() {
         let events = openai_stream_events(100, 3);
         assert_eq!(events.len(), 103);
-        let mut meter = ResponseMeter::new(ProviderFormat::OpenAiChat, true, MeterLimits::default());
+        let mut meter =
+            ResponseMeter::new(ProviderFormat::OpenAiChat, true, MeterLimits::default());
         for event in &events {
             meter.feed(event);
         }

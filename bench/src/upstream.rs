@@ -136,7 +136,10 @@ async fn answer(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let (content_type, body) = if is_get {
-        ("application/json", CannedBody::whole(canned.callout.clone()))
+        (
+            "application/json",
+            CannedBody::whole(canned.callout.clone()),
+        )
     } else if asks_to_stream(&body) {
         ("text/event-stream", CannedBody::events(canned))
     } else {
@@ -259,7 +262,10 @@ mod tests {
         let sse = post(r#"{"stream":true}"#);
         assert!(sse.contains("text/event-stream"));
         assert!(sse.contains("data: [DONE]"));
-        assert_eq!(sse.matches("chat.completion.chunk").count(), STREAM_CHUNKS + 2);
+        assert_eq!(
+            sse.matches("chat.completion.chunk").count(),
+            STREAM_CHUNKS + 2
+        );
         assert_eq!(crate::procs::http_status(port, "/callout"), Some(200));
         assert_eq!(upstream.requests.load(Ordering::Relaxed), 3);
     }

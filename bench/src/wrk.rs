@@ -33,7 +33,10 @@ pub fn run(
     connections: usize,
     seconds: u64,
 ) -> Result<ClosedLoop> {
-    let script = dir.join(format!("wrk-{}.lua", if stream { "stream" } else { "json" }));
+    let script = dir.join(format!(
+        "wrk-{}.lua",
+        if stream { "stream" } else { "json" }
+    ));
     std::fs::write(&script, lua_script(stream, users))?;
     let output = Command::new("wrk")
         .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
@@ -54,7 +57,9 @@ pub fn run(
 
 /// Requests are formatted once per user in `init`, then cycled.
 fn lua_script(stream: bool, users: usize) -> String {
-    let body = chat_request_body(stream, 300).replace('\\', "\\\\").replace('"', "\\\"");
+    let body = chat_request_body(stream, 300)
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
     format!(
         r#"local requests = {{}}
 local users = {users}

@@ -56,7 +56,13 @@ mod filter {
     }
 
     impl Context for BenchHttp {
-        fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+        fn on_http_call_response(
+            &mut self,
+            _token: u32,
+            _headers: usize,
+            _body: usize,
+            _trailers: usize,
+        ) {
             self.resume_http_request();
         }
     }
