@@ -158,13 +158,11 @@ async fn slow_sidecar_with_fail_closed_answers_503_within_the_timeout() {
     assert_reconcile_clean(&stack).await;
 }
 
-/// Known sidecar bug (reported to the lead): when the fail-open settlement (or its retry)
-/// reaches the sidecar before the late authorize of the same call, the authorize still
-/// creates a hold for the already-settled request; the hold never settles, and its expiry
-/// fails on `UNIQUE usage_records.request_id` on every sweep, which aborts the whole sweep
-/// (no other hold expires any more). Un-ignore once authorize refuses a settled request id.
+/// Regression: the fail-open settlement (or its retry) may reach the sidecar before the
+/// late authorize of the same call. That authorize used to create a hold for the settled
+/// request whose expiry failed on every sweep and stopped it; it now holds nothing, and
+/// a hold that cannot be expired no longer stops the sweep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "sidecar bug: a late authorize after a fail-open settlement leaves an unexpirable hold"]
 async fn slow_sidecar_with_fail_open_forwards_and_settles_exactly_once() {
     let stack = started("slow-open", slow_sidecar("fail_open"), &["tess", "uma"]).await;
     let proxy = stack.sidecar_proxy.as_ref().expect("proxy");

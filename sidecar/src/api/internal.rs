@@ -13,7 +13,7 @@ use llm_meter_protocol::{
 };
 
 use super::docs::Problem;
-use super::problem::{database_unavailable, ApiError, ApiJson, ApiResult};
+use super::problem::{ApiError, ApiJson, ApiResult};
 use super::routes::{Method, RouteTable};
 use super::wire;
 use super::{ledger_error_is_transient, AppState};
@@ -84,7 +84,6 @@ pub async fn settle(
     request_body = wire::VoidRequest,
     responses(
         (status = 200, body = wire::SettleResponse),
-        (status = 404, description = "no hold for this request id", body = Problem),
         (status = 401, body = Problem), (status = 403, body = Problem), (status = 409, body = Problem),
         (status = 422, body = Problem), (status = 500, body = Problem),
         (status = 503, description = "database unavailable: retry later", body = Problem)))]
@@ -117,31 +116,10 @@ pub async fn finalize(
         )));
     }
     let ledger = state.ledger.clone();
-    let results = tokio::spawn(async move {
-        let mut results = Vec::with_capacity(batch.items.len());
-        let mut unreachable: Option<String> = None;
-        for item in batch.items {
-            // Once the database is found unreachable, the rest of the batch is not tried
-            // (each would wait for the pool's acquire timeout): it all comes back later.
-            if let Some(error) = &unreachable {
-                results.push(FinalizeResult::Retry {
-                    request_id: item.request_id().to_string(),
-                    error: error.clone(),
-                });
-                continue;
-            }
-            let (result, down) = finalize_one(&ledger, item).await;
-            if down {
-                if let FinalizeResult::Retry { error, .. } = &result {
-                    unreachable = Some(error.clone());
-                }
-            }
-            results.push(result);
-        }
-        results
-    })
-    .await
-    .map_err(ApiError::internal)?;
+    // Spawned: a filter that gives up waiting never cancels the batch half-way.
+    let results = tokio::spawn(async move { finalize_all(&ledger, batch.items).await })
+        .await
+        .map_err(ApiError::internal)?;
     for result in &results {
         let status = match result {
             FinalizeResult::Ok(response) => settle_status_label(response.status),
@@ -154,46 +132,61 @@ pub async fn finalize(
 }
 
 /// One item's result, and whether it failed because the database is unreachable.
-async fn finalize_one(ledger: &Ledger, item: Finalize) -> (FinalizeResult, bool) {
-    let request_id = item.request_id().to_string();
-    if let Err(err) = check_request_id(&request_id) {
-        let rejected = FinalizeResult::Rejected {
-            request_id,
-            error: err.detail.unwrap_or(err.title),
-        };
-        return (rejected, false);
+/// Applies the valid items as one submission to the ledger (normally one transaction)
+/// and answers each in order: ok, rejected (permanent: conflict, invalid ...) or retry.
+async fn finalize_all(ledger: &Ledger, items: Vec<Finalize>) -> Vec<FinalizeResult> {
+    let mut results: Vec<Option<FinalizeResult>> = items
+        .iter()
+        .map(|item| {
+            check_request_id(item.request_id())
+                .err()
+                .map(|err| FinalizeResult::Rejected {
+                    request_id: item.request_id().to_string(),
+                    error: err.detail.unwrap_or(err.title),
+                })
+        })
+        .collect();
+    let (open, valid): (Vec<usize>, Vec<Finalize>) = items
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| results[*i].is_none())
+        .unzip();
+    let answers = ledger.finalize(&valid).await;
+    for ((i, item), answer) in open.into_iter().zip(&valid).zip(answers) {
+        results[i] = Some(finalize_result(item.request_id(), answer));
     }
-    let result = match &item {
-        Finalize::Settle(settle) => ledger.settle(settle).await,
-        Finalize::Void(void) => ledger.void(void).await,
-    };
-    match result {
-        Ok(response) => (FinalizeResult::Ok(response), false),
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| FinalizeResult::Retry {
+                request_id: String::new(),
+                error: "the ledger gave no answer".into(),
+            })
+        })
+        .collect()
+}
+
+fn finalize_result(
+    request_id: &str,
+    answer: Result<SettleResponse, LedgerError>,
+) -> FinalizeResult {
+    let request_id = request_id.to_string();
+    match answer {
+        Ok(response) => FinalizeResult::Ok(response),
         Err(err) if ledger_error_is_transient(&err) => {
             tracing::warn!(%request_id, error = %err, "finalize item failed transiently");
-            let retry = FinalizeResult::Retry {
+            FinalizeResult::Retry {
                 request_id,
                 error: err.to_string(),
-            };
-            (retry, database_unreachable(&err))
+            }
         }
-        Err(err) => {
-            let rejected = FinalizeResult::Rejected {
-                request_id,
-                error: err.to_string(),
-            };
-            (rejected, false)
-        }
+        Err(err) => FinalizeResult::Rejected {
+            request_id,
+            error: err.to_string(),
+        },
     }
 }
 
-/// The database cannot be reached at all (as opposed to contention on some rows).
-fn database_unreachable(err: &LedgerError) -> bool {
-    matches!(err, LedgerError::Db(db_err)
-        if database_unavailable(db_err) && !crate::storage::is_transient(db_err))
-}
-
-/// Runs ledger work on its own task so that dropping the request does not cancel it.
 async fn run_to_completion<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T, LedgerError>> + Send + 'static,
 ) -> ApiResult<T> {
@@ -228,4 +221,79 @@ fn check_request_id(request_id: &str) -> ApiResult<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use llm_meter_protocol::{Caller, Outcome, Usage};
+
+    use super::*;
+    use crate::ledger::LedgerConfig;
+    use crate::storage::testing::each_backend;
+
+    fn settle(id: &str, caller: &str) -> Finalize {
+        Finalize::Settle(SettleRequest {
+            request_id: id.into(),
+            caller: Caller::UserId(caller.into()),
+            provider: "openai".into(),
+            model: "unknown-model".into(),
+            outcome: Outcome::Completed,
+            usage: Usage {
+                input_tokens: 3,
+                output_tokens: 4,
+                ..Usage::default()
+            },
+            estimated: false,
+            authorized: false,
+            upstream_status: 200,
+            ended_at_ms: None,
+        })
+    }
+
+    /// One submission for the batch; each item answered in order: a void before
+    /// authorize is ok, a bad id and a conflicting replay are rejected.
+    #[tokio::test]
+    async fn a_batch_is_answered_item_by_item_in_order() {
+        for t in each_backend().await {
+            let ledger = Ledger::new(t.db.clone(), LedgerConfig::default());
+            let void = |id: &str| {
+                Finalize::Void(VoidRequest {
+                    request_id: id.into(),
+                    reason: "client left".into(),
+                    upstream_status: 0,
+                })
+            };
+            let items = vec![
+                void("never-authorized"),
+                void("\u{7}bad"),
+                settle("direct-1", "ivy"),
+                settle("direct-1", "ivy"),
+                settle("direct-1", "mallory"),
+            ];
+            let results = finalize_all(&ledger, items).await;
+            let backend = t.backend;
+            let kinds: Vec<String> = results
+                .iter()
+                .map(|r| match r {
+                    FinalizeResult::Ok(response) => {
+                        format!("ok {}", settle_status_label(response.status))
+                    }
+                    FinalizeResult::Rejected { request_id, .. } => format!("rejected {request_id}"),
+                    FinalizeResult::Retry { error, .. } => format!("retry {error}"),
+                })
+                .collect();
+            assert_eq!(
+                kinds,
+                [
+                    "ok voided",
+                    "rejected \u{7}bad",
+                    "ok settled",
+                    "ok already_settled",
+                    "rejected direct-1"
+                ],
+                "{backend:?}"
+            );
+            t.cleanup().await;
+        }
+    }
 }

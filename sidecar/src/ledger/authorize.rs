@@ -3,18 +3,20 @@
 use llm_meter_protocol::{
     AuthorizeRequest, AuthorizeResponse, Caller, Decision, Denial, DenyCode, Usage,
 };
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
 use super::accounts::{lock_account, refresh_lots, save_account, write_journal, Entry, Journal};
+use super::group::{Done, Op};
 use super::{check_key, Ledger, LedgerError, UnpricedPolicy};
 use crate::pricing::{Measure, ModelPricing};
-use crate::storage::{bind_values, is_unique_violation, Db, Dialect, Value};
+use crate::storage::{bind_values, Db, Dialect, Value};
 
 /// Larger counts in one call are rejected as `invalid_request` (no real call is that big,
 /// and it keeps every sum far from integer overflow).
 pub const MAX_UNITS_PER_CALL: u64 = 1_000_000_000_000;
 
 /// What admission decided before touching the account.
+#[derive(Clone)]
 pub(super) struct Admission {
     pub user_id: String,
     pub model: ModelPricing,
@@ -161,11 +163,28 @@ impl Ledger {
         req: &AuthorizeRequest,
         admission: &Admission,
     ) -> Result<AuthorizeResponse, LedgerError> {
-        self.retrying(|| self.reserve_once(req, admission)).await
+        self.retrying(|| async {
+            let op = Op::Reserve {
+                req: req.clone(),
+                admission: admission.clone(),
+            };
+            match self.submit_one(op).await? {
+                Done::Authorized(response) => Ok(response),
+                _ => Err(LedgerError::Inconsistent(
+                    "the writer answered an authorization with another result".into(),
+                )),
+            }
+        })
+        .await
     }
 
-    async fn reserve_once(
+    /// Reserves inside the caller's write transaction. A retry of an authorization
+    /// already held fails with the unique violation of its hold row; the group writer
+    /// then undoes this operation's writes and answers it with
+    /// [`Ledger::replay_authorization_on`].
+    pub(super) async fn reserve_on(
         &self,
+        conn: &mut AnyConnection,
         req: &AuthorizeRequest,
         admission: &Admission,
     ) -> Result<AuthorizeResponse, LedgerError> {
@@ -190,32 +209,13 @@ impl Ledger {
             now,
             expires_at: now.saturating_add(self.hold_ttl_ms()),
         };
-        if db.dialect() == Dialect::Postgres {
-            match fast.in_one_statement(db).await {
-                Ok(true) => return Ok(allowed()),
-                Ok(false) => {}
-                Err(e) if is_unique_violation(&e) => {
-                    return self.replay_authorization(req, admission).await
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let mut tx = db.begin_write().await?;
-        if db.dialect() == Dialect::Sqlite {
-            match fast.in_one_call(db, tx.conn()).await {
-                Ok(true) => {
-                    tx.commit().await?;
-                    return Ok(allowed());
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tx.rollback().await?;
-                    if is_unique_violation(&e) {
-                        return self.replay_authorization(req, admission).await;
-                    }
-                    return Err(e.into());
-                }
-            }
+        let reserved_fast = match db.dialect() {
+            Dialect::Postgres => fast.in_one_statement(db, conn).await?,
+            Dialect::Sqlite => fast.in_one_call(db, conn).await?,
+            Dialect::MySql => false,
+        };
+        if reserved_fast {
+            return Ok(allowed());
         }
 
         // General path (MySQL, denials, due lot events). The hold row first: it is the
@@ -225,7 +225,7 @@ impl Ledger {
              price_version_id, priced, status, created_at, expires_at, finalized_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?, NULL)",
         );
-        let inserted = sqlx::query(&sql)
+        sqlx::query(&sql)
             .bind(&req.request_id)
             .bind(user_id)
             .bind(quota_type)
@@ -236,22 +236,14 @@ impl Ledger {
             .bind(i32::from(price_version.is_some()))
             .bind(now)
             .bind(fast.expires_at)
-            .execute(tx.conn())
-            .await;
-        match inserted {
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) => {
-                tx.rollback().await?;
-                return self.replay_authorization(req, admission).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
+            .execute(&mut *conn)
+            .await?;
 
         // One guarded update, valid while no lot expiry/activation is due (already tried,
         // and failed, by the single-round-trip forms on PostgreSQL and SQLite).
         let reserved = db.dialect() == Dialect::MySql
             && bind_values(sqlx::query(&db.sql(GUARDED_RESERVE)), fast.reserve_values())
-                .execute(tx.conn())
+                .execute(&mut *conn)
                 .await?
                 .rows_affected()
                 == 1;
@@ -259,7 +251,7 @@ impl Ledger {
         let denied = if reserved {
             None
         } else {
-            self.reserve_slowly(tx.conn(), user_id, quota_type, hold, &mut journal, now)
+            self.reserve_slowly(conn, user_id, quota_type, hold, &mut journal, now)
                 .await?
         };
         if let Some(code) = denied {
@@ -267,10 +259,9 @@ impl Ledger {
             let sql = db.sql("DELETE FROM ledger_holds WHERE request_id = ?");
             sqlx::query(&sql)
                 .bind(&req.request_id)
-                .execute(tx.conn())
+                .execute(&mut *conn)
                 .await?;
-            write_journal(db, tx.conn(), journal, now).await?;
-            tx.commit().await?;
+            write_journal(db, conn, journal, now).await?;
             let message = match code {
                 DenyCode::NoQuota => format!("no {quota_type} quota has ever been granted"),
                 _ => format!("not enough {quota_type} quota left for a hold of {hold}"),
@@ -295,22 +286,15 @@ impl Ledger {
                 ..Entry::default()
             },
         );
-        write_journal(db, tx.conn(), journal, now).await?;
-        tx.commit().await?;
-        Ok(allow(
-            req,
-            user_id,
-            quota_type,
-            admission.hold,
-            price_version.is_some(),
-        ))
+        write_journal(db, conn, journal, now).await?;
+        Ok(allowed())
     }
 
     /// The account's next lot event is due (or the fast path failed for lack of quota):
     /// lock the account, apply due expiries/activations, and try again.
     async fn reserve_slowly(
         &self,
-        conn: &mut sqlx::AnyConnection,
+        conn: &mut AnyConnection,
         user_id: &str,
         quota_type: &str,
         hold: i64,
@@ -341,18 +325,19 @@ impl Ledger {
     }
 
     /// A retry of an authorization already held: same figures give the same answer.
-    async fn replay_authorization(
+    pub(super) async fn replay_authorization_on(
         &self,
+        conn: &mut AnyConnection,
         req: &AuthorizeRequest,
         admission: &Admission,
     ) -> Result<AuthorizeResponse, LedgerError> {
         let sql = self.db().sql(
-            "SELECT user_id, quota_type, provider, model, amount, priced FROM ledger_holds \
-             WHERE request_id = ?",
+            "SELECT user_id, quota_type, provider, model, amount, priced, status \
+             FROM ledger_holds WHERE request_id = ?",
         );
         let row = sqlx::query(&sql)
             .bind(&req.request_id)
-            .fetch_optional(self.db().pool())
+            .fetch_optional(&mut *conn)
             .await?;
         let Some(row) = row else {
             return Err(LedgerError::Busy(format!(
@@ -366,6 +351,10 @@ impl Ledger {
         let model: String = row.try_get(3)?;
         let amount: i64 = row.try_get(4)?;
         let priced: i32 = row.try_get(5)?;
+        let status: String = row.try_get(6)?;
+        if status != "held" {
+            return finalized_replay(req, admission, &status, (&user_id, &provider, &model));
+        }
         let same = user_id == admission.user_id
             && provider == req.provider
             && model == req.model
@@ -417,8 +406,12 @@ impl FastReserve<'_> {
         self.admission.model.price.as_ref().map(|p| p.id)
     }
 
-    /// PostgreSQL: data-modifying CTEs, outside any explicit transaction.
-    async fn in_one_statement(&self, db: &Db) -> Result<bool, sqlx::Error> {
+    /// PostgreSQL: data-modifying CTEs.
+    async fn in_one_statement(
+        &self,
+        db: &Db,
+        conn: &mut AnyConnection,
+    ) -> Result<bool, sqlx::Error> {
         let sql = format!(
             "WITH acc AS ({GUARDED_RESERVE} RETURNING user_id, quota_type), \
              hold AS (INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, \
@@ -448,18 +441,14 @@ impl FastReserve<'_> {
         ]);
         let sql = db.sql(&sql);
         let row = bind_values(sqlx::query(&sql), values)
-            .fetch_one(db.pool())
+            .fetch_one(&mut *conn)
             .await?;
         Ok(row.try_get::<i64, _>(0)? == 1)
     }
 
     /// SQLite: three statements in one call inside the caller's transaction, each insert
     /// conditional on the previous statement having changed a row.
-    async fn in_one_call(
-        &self,
-        db: &Db,
-        conn: &mut sqlx::AnyConnection,
-    ) -> Result<bool, sqlx::Error> {
+    async fn in_one_call(&self, db: &Db, conn: &mut AnyConnection) -> Result<bool, sqlx::Error> {
         let sql = format!(
             "{GUARDED_RESERVE};
              INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, amount, \
@@ -529,6 +518,46 @@ fn validate(req: &AuthorizeRequest) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The answer to an authorize of a request already finalized (its settlement, void or
+/// hold expiry came first, e.g. a fail-open settlement before its late authorize): nothing
+/// is held again. Settled or expired: Allow with `held` 0 (the call was admitted and is, or
+/// will be, charged by its settlement). Voided: Deny (`invalid_request`), since the call
+/// was given up and a settlement of it would be refused.
+fn finalized_replay(
+    req: &AuthorizeRequest,
+    admission: &Admission,
+    status: &str,
+    (user_id, provider, model): (&str, &str, &str),
+) -> Result<AuthorizeResponse, LedgerError> {
+    // A void before authorize does not know the user; a settlement does.
+    let known = !user_id.is_empty();
+    if known && (user_id != admission.user_id || provider != req.provider || model != req.model) {
+        return Err(LedgerError::Conflict(format!(
+            "request {} was already {status} for another caller or model \
+             ({user_id}, {provider}/{model})",
+            req.request_id
+        )));
+    }
+    let quota_type = admission.model.quota_type.as_str();
+    let priced = admission.model.price.is_some();
+    if status == "voided" {
+        let message = format!(
+            "request {} was already voided; it cannot be authorized again",
+            req.request_id
+        );
+        let mut denied = denial(
+            req,
+            Some(admission.user_id.clone()),
+            Some(quota_type.to_string()),
+            DenyCode::InvalidRequest,
+            message,
+        );
+        denied.priced = priced;
+        return Ok(denied);
+    }
+    Ok(allow(req, &admission.user_id, quota_type, 0, priced))
 }
 
 fn allow(

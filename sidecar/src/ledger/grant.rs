@@ -411,6 +411,12 @@ pub(super) async fn insert_lot(
     now: i64,
 ) -> Result<GrantResponse, LedgerError> {
     let db = ledger.db();
+    // The account first, as every other ledger write does: inserting the lot first would
+    // hold the new lot row while waiting for the account, and a settlement holding the
+    // account while scanning the lots (MySQL locks the uncommitted row) would deadlock.
+    let mut account = lock_account(db, conn, lot.user_id, lot.quota_type, true, now)
+        .await?
+        .ok_or_else(|| LedgerError::Inconsistent("account vanished after insert".into()))?;
     let status = if lot.effective_from > now {
         LotStatus::Pending
     } else {
@@ -438,10 +444,6 @@ pub(super) async fn insert_lot(
         .bind(now)
         .bind(now);
     let lot_id = insert_returning_id(db.dialect(), conn, query).await?;
-
-    let mut account = lock_account(db, conn, lot.user_id, lot.quota_type, true, now)
-        .await?
-        .ok_or_else(|| LedgerError::Inconsistent("account vanished after insert".into()))?;
     let active = status == LotStatus::Active;
     journal.push(
         &account,

@@ -37,6 +37,7 @@ mod accounts;
 mod authorize;
 mod balance;
 mod grant;
+mod group;
 mod keys;
 mod reconcile;
 mod reset;
@@ -45,7 +46,7 @@ mod settle;
 mod tests;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::TimeZone;
@@ -163,6 +164,8 @@ struct Inner {
     config: LedgerConfig,
     prices: PriceBook,
     clock: Clock,
+    /// Started on first use (it needs the async runtime).
+    writers: OnceLock<group::GroupCommit>,
 }
 
 const MAX_ATTEMPTS: u32 = 8;
@@ -180,6 +183,7 @@ impl Ledger {
                 config,
                 prices,
                 clock,
+                writers: OnceLock::new(),
             }),
         }
     }
@@ -209,6 +213,24 @@ impl Ledger {
         }
     }
 
+    /// Applies `ops` through this process's group-commit writers (see [`group`]).
+    async fn submit(&self, ops: Vec<group::Op>) -> Vec<Result<group::Done, LedgerError>> {
+        let writers = self.inner.writers.get_or_init(|| {
+            let db = self.db();
+            let max_connections = db.pool().options().get_max_connections();
+            group::GroupCommit::start(Arc::downgrade(&self.inner), db.dialect(), max_connections)
+        });
+        writers.submit(ops).await
+    }
+
+    /// Applies one operation through the group-commit writers.
+    async fn submit_one(&self, op: group::Op) -> Result<group::Done, LedgerError> {
+        let mut results = self.submit(vec![op]).await;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(LedgerError::Busy("the ledger writer gave no answer".into())))
+    }
+
     /// Runs one transaction attempt again on deadlocks, serialization failures, busy
     /// databases and lost idempotency races, with a short growing back-off.
     async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, LedgerError>
@@ -220,15 +242,17 @@ impl Ledger {
         loop {
             tries += 1;
             match attempt().await {
-                Err(e) if tries < MAX_ATTEMPTS && retryable(&e) => {
-                    let jitter = rand::random::<u64>() % 5;
-                    tokio::time::sleep(Duration::from_millis(2u64.pow(tries.min(6)) + jitter))
-                        .await;
-                }
+                Err(e) if tries < MAX_ATTEMPTS && retryable(&e) => backoff(tries).await,
                 other => return other,
             }
         }
     }
+}
+
+/// A short growing pause before attempt `tries + 1`, with jitter.
+async fn backoff(tries: u32) {
+    let jitter = rand::random::<u64>() % 5;
+    tokio::time::sleep(Duration::from_millis(2u64.pow(tries.min(6)) + jitter)).await;
 }
 
 /// Retrying is safe for every ledger operation: each is idempotent by its key, so an

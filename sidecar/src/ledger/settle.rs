@@ -3,14 +3,15 @@
 use std::sync::Arc;
 
 use llm_meter_protocol::{
-    AuthorizeRequest, AuthorizeResponse, Caller, Decision, Outcome, SettleRequest, SettleResponse,
-    SettleStatus, Usage, VoidRequest,
+    AuthorizeRequest, AuthorizeResponse, Caller, Decision, Finalize, Outcome, SettleRequest,
+    SettleResponse, SettleStatus, Usage, VoidRequest,
 };
 use sqlx::{AnyConnection, Row};
 
 use super::accounts::{burn, lock_account, refresh_lots, save_account_in, Account, Entry, Journal};
 use super::authorize::MAX_UNITS_PER_CALL;
-use super::{check_key, to_i64, Ledger, LedgerError};
+use super::group::{Done, Op};
+use super::{backoff, check_key, retryable, to_i64, Ledger, LedgerError, MAX_ATTEMPTS};
 use crate::pricing::{format_micros, Measure, PriceVersion};
 use crate::storage::{Batch, Value};
 
@@ -62,6 +63,8 @@ struct UsageRow<'a> {
 pub struct ExpireHoldsReport {
     pub expired: u64,
     pub units_released: u64,
+    /// Holds that could not be expired (logged; the next sweep tries them again).
+    pub failed: u64,
 }
 
 /// A call made outside the mesh, reported after the fact: authorize + settle in one.
@@ -82,6 +85,19 @@ pub struct ConsumeResponse {
     /// Present when the consumption was admitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settlement: Option<SettleResponse>,
+}
+
+/// The checks [`Ledger::settle`] and [`Ledger::void`] make before queueing.
+fn check_finalize(item: &Finalize) -> Result<(), LedgerError> {
+    match item {
+        Finalize::Settle(req) => {
+            check_key(&req.request_id, "request_id")?;
+            check_key(&req.provider, "provider")?;
+            check_key(&req.model, "model")?;
+            validate_usage(&req.usage)
+        }
+        Finalize::Void(req) => check_key(&req.request_id, "request_id"),
+    }
 }
 
 /// Subsets clamped to their totals, so nothing is billed twice.
@@ -122,38 +138,46 @@ impl Ledger {
         check_key(&req.provider, "provider")?;
         check_key(&req.model, "model")?;
         validate_usage(&req.usage)?;
-        self.retrying(|| self.settle_once(req)).await
+        self.retrying(|| async {
+            match self.submit_one(Op::Settle(req.clone())).await? {
+                Done::Settled(response) => Ok(response),
+                _ => Err(LedgerError::Inconsistent(
+                    "the writer answered a settlement with another result".into(),
+                )),
+            }
+        })
+        .await
     }
 
-    async fn settle_once(&self, req: &SettleRequest) -> Result<SettleResponse, LedgerError> {
+    /// Settles inside the caller's write transaction (see [`Ledger::settle`]).
+    pub(super) async fn settle_on(
+        &self,
+        conn: &mut AnyConnection,
+        req: &SettleRequest,
+    ) -> Result<SettleResponse, LedgerError> {
         let db = self.db();
         let now = self.now();
-        let mut tx = db.begin_write().await?;
-        let (hold, account) = load_hold(self, tx.conn(), &req.request_id).await?;
+        let (hold, account) = load_hold(self, conn, &req.request_id).await?;
         let late = hold.as_ref().is_some_and(|h| h.status == "expired");
         let target = match hold {
             Some(h) if h.status == "held" || h.status == "expired" => {
                 let release = if h.status == "held" { h.amount } else { 0 };
-                self.target_of_hold(tx.conn(), h, release).await?
+                self.target_of_hold(conn, h, release).await?
             }
             Some(h) if h.status == "settled" => {
-                tx.rollback().await?;
-                return self.replay_settlement(req).await;
+                return self.replay_settlement_on(conn, req).await;
             }
             Some(h) => {
-                tx.rollback().await?;
                 return Err(LedgerError::Conflict(format!(
                     "request {} was already {}; it cannot be settled",
                     req.request_id, h.status
                 )));
             }
             None => {
-                if usage_record_exists(self, tx.conn(), &req.request_id).await? {
-                    tx.rollback().await?;
-                    return self.replay_settlement(req).await;
+                if usage_record_exists(self, conn, &req.request_id).await? {
+                    return self.replay_settlement_on(conn, req).await;
                 }
-                let Some(target) = self.direct_target(tx.conn(), req, now).await? else {
-                    tx.rollback().await?;
+                let Some(target) = self.direct_target(conn, req, now).await? else {
                     return Err(LedgerError::Invalid(
                         "the API key of this fail-open settlement is unknown".into(),
                     ));
@@ -177,13 +201,16 @@ impl Ledger {
             units,
             request_id: &req.request_id,
         };
-        let (charged, debt) =
-            charge(self, tx.conn(), &mut batch, to_charge, &mut journal, now).await?;
+        let (charged, debt) = charge(self, conn, &mut batch, to_charge, &mut journal, now).await?;
         if target.started_at.is_some() {
             batch.push(
                 "UPDATE ledger_holds SET status = 'settled', finalized_at = ? WHERE request_id = ?",
                 vec![now.into(), req.request_id.as_str().into()],
             );
+        } else {
+            // No hold: leave a finalized one (amount 0) as the request's key, so a late
+            // authorize of this request (fail-open) replays instead of holding again.
+            push_tombstone(&mut batch, &req.request_id, &target, "settled", now);
         }
         if late {
             // The hold expired unsettled and left an `expired` record; the call did run.
@@ -191,7 +218,7 @@ impl Ledger {
                 db.sql("DELETE FROM usage_records WHERE request_id = ? AND status = 'expired'");
             sqlx::query(&sql)
                 .bind(&req.request_id)
-                .execute(tx.conn())
+                .execute(&mut *conn)
                 .await?;
         }
         let ended_at = match req.ended_at_ms.and_then(|t| i64::try_from(t).ok()) {
@@ -219,8 +246,7 @@ impl Ledger {
         push_usage(self, &mut batch, &row, target.price.is_none(), now);
         push_daily_cost(self, &mut batch, &row, now);
         journal.into_batch(&mut batch, now);
-        batch.execute(db.dialect(), tx.conn()).await?;
-        tx.commit().await?;
+        batch.execute(db.dialect(), conn).await?;
         if debt > 0 {
             tracing::warn!(request_id = %req.request_id, user = %target.user_id,
                 quota_type = %target.quota_type, debt, "usage exceeded the balance; recorded as debt");
@@ -312,15 +338,19 @@ impl Ledger {
     }
 
     /// Answers a retried settlement from its usage record.
-    async fn replay_settlement(&self, req: &SettleRequest) -> Result<SettleResponse, LedgerError> {
+    async fn replay_settlement_on(
+        &self,
+        conn: &mut AnyConnection,
+        req: &SettleRequest,
+    ) -> Result<SettleResponse, LedgerError> {
         let sql = self.db().sql(
             "SELECT status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, \
-             reasoning_tokens, images, charged, debt, cost_micros, currency \
-             FROM usage_records WHERE request_id = ?",
+             reasoning_tokens, images, charged, debt, cost_micros, currency, user_id, provider, \
+             model FROM usage_records WHERE request_id = ?",
         );
         let row = sqlx::query(&sql)
             .bind(&req.request_id)
-            .fetch_optional(self.db().pool())
+            .fetch_optional(&mut *conn)
             .await?;
         let Some(row) = row else {
             return Err(LedgerError::Busy(format!(
@@ -349,6 +379,23 @@ impl Ledger {
                 req.request_id
             )));
         }
+        let user_id: String = row.try_get(11)?;
+        let provider: String = row.try_get(12)?;
+        let model: String = row.try_get(13)?;
+        let caller = match &req.caller {
+            Caller::UserId(user) => Some(user.clone()),
+            Caller::ApiKey(key) => self.resolve_api_key_on(conn, key).await?,
+        };
+        if caller.as_deref() != Some(user_id.as_str())
+            || provider != req.provider
+            || model != req.model
+        {
+            return Err(LedgerError::Conflict(format!(
+                "request {} was already settled for another caller or model \
+                 ({user_id}, {provider}/{model})",
+                req.request_id
+            )));
+        }
         let cost_micros: Option<i64> = row.try_get(9)?;
         Ok(SettleResponse {
             request_id: req.request_id.clone(),
@@ -363,34 +410,122 @@ impl Ledger {
     /// Releases a hold without charge. Idempotent; voiding a settled call is a conflict.
     pub async fn void(&self, req: &VoidRequest) -> Result<SettleResponse, LedgerError> {
         check_key(&req.request_id, "request_id")?;
-        self.retrying(|| self.release_once(&req.request_id, Release::Void(req)))
-            .await?
-            .ok_or_else(|| LedgerError::NotFound(format!("no hold for request {}", req.request_id)))
+        self.retrying(|| async {
+            match self.submit_one(Op::Void(req.clone())).await? {
+                Done::Voided(response) => Ok(response),
+                _ => Err(LedgerError::Inconsistent(
+                    "the writer answered a void with another result".into(),
+                )),
+            }
+        })
+        .await?
+        .ok_or_else(|| LedgerError::NotFound(format!("no hold for request {}", req.request_id)))
     }
 
-    /// Releases every hold whose TTL passed by `now` (recorded as `expired`).
+    /// Settles and voids a batch of calls (the filter's outbox) in as few transactions as
+    /// the group writers allow: the whole batch is queued at once, so it normally commits
+    /// as one. Each item is answered on its own, in order, exactly as [`Ledger::settle`] /
+    /// [`Ledger::void`] would answer it; a failing item never fails the others.
+    pub async fn finalize(&self, items: &[Finalize]) -> Vec<Result<SettleResponse, LedgerError>> {
+        let mut results: Vec<Option<Result<SettleResponse, LedgerError>>> = items
+            .iter()
+            .map(|item| check_finalize(item).err().map(Err))
+            .collect();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let open: Vec<usize> = (0..items.len()).filter(|i| results[*i].is_none()).collect();
+            if open.is_empty() {
+                break;
+            }
+            let ops = open
+                .iter()
+                .map(|&i| match &items[i] {
+                    Finalize::Settle(req) => Op::Settle(req.clone()),
+                    Finalize::Void(req) => Op::Void(req.clone()),
+                })
+                .collect();
+            let answers = self.submit(ops).await;
+            let mut again = false;
+            for (i, answer) in open.into_iter().zip(answers) {
+                let answer = match answer {
+                    Ok(Done::Settled(r)) | Ok(Done::Voided(Some(r))) => Ok(r),
+                    Ok(Done::Voided(None)) => Err(LedgerError::NotFound(format!(
+                        "no hold for request {}",
+                        items[i].request_id()
+                    ))),
+                    Ok(Done::Authorized(_)) => Err(LedgerError::Inconsistent(
+                        "the writer answered a finalization with an authorization".into(),
+                    )),
+                    Err(e) if tries < MAX_ATTEMPTS && retryable(&e) => {
+                        again = true;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                };
+                results[i] = Some(answer);
+            }
+            if again {
+                backoff(tries).await;
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(LedgerError::Busy("not finalized".into()))))
+            .collect()
+    }
+
+    /// Voids inside the caller's write transaction; None when there is no hold.
+    pub(super) async fn void_on(
+        &self,
+        conn: &mut AnyConnection,
+        req: &VoidRequest,
+    ) -> Result<Option<SettleResponse>, LedgerError> {
+        self.release_on(conn, &req.request_id, Release::Void(req))
+            .await
+    }
+
+    /// Releases every hold whose TTL passed by `now` (recorded as `expired`). A hold that
+    /// fails is logged and counted, and the sweep goes on with the others.
     pub async fn expire_holds(&self, now: i64) -> Result<ExpireHoldsReport, LedgerError> {
         const BATCH: i64 = 200;
         let mut report = ExpireHoldsReport::default();
+        // Keyset cursor (expires_at, request_id): failed rows stay `held` and must not be
+        // fetched again in this sweep.
+        let mut after: (i64, String) = (i64::MIN, String::new());
         loop {
             let sql = self.db().sql(
-                "SELECT request_id, amount FROM ledger_holds WHERE status = 'held' \
-                 AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+                "SELECT request_id, amount, expires_at FROM ledger_holds WHERE status = 'held' \
+                 AND expires_at <= ? AND (expires_at > ? OR (expires_at = ? AND request_id > ?)) \
+                 ORDER BY expires_at, request_id LIMIT ?",
             );
             let rows = sqlx::query(&sql)
                 .bind(now)
+                .bind(after.0)
+                .bind(after.0)
+                .bind(&after.1)
                 .bind(BATCH)
                 .fetch_all(self.db().pool())
                 .await?;
             for row in &rows {
                 let request_id: String = row.try_get(0)?;
+                let amount: i64 = row.try_get(1)?;
+                after = (row.try_get(2)?, request_id.clone());
                 let released = self
                     .retrying(|| self.release_once(&request_id, Release::Expire(now)))
-                    .await?;
-                if matches!(released, Some(r) if r.status == SettleStatus::Voided) {
-                    report.expired += 1;
-                    report.units_released += row.try_get::<i64, _>(1)?.max(0) as u64;
-                    tracing::warn!(request_id = %request_id, "hold expired without settlement");
+                    .await;
+                match released {
+                    Ok(Some(r)) if r.status == SettleStatus::Voided => {
+                        report.expired += 1;
+                        report.units_released += amount.max(0) as u64;
+                        tracing::warn!(request_id = %request_id, "hold expired without settlement");
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        report.failed += 1;
+                        tracing::error!(request_id = %request_id, %error,
+                            "cannot expire this hold; continuing with the others");
+                    }
                 }
             }
             if (rows.len() as i64) < BATCH {
@@ -399,9 +534,29 @@ impl Ledger {
         }
     }
 
-    /// Void or expiry of one hold; None when there is no hold. `Voided` means released now.
+    /// Expiry of one hold in its own transaction.
     async fn release_once(
         &self,
+        request_id: &str,
+        release: Release<'_>,
+    ) -> Result<Option<SettleResponse>, LedgerError> {
+        let mut tx = self.db().begin_write().await?;
+        match self.release_on(tx.conn(), request_id, release).await {
+            Ok(answer) => {
+                tx.commit().await?;
+                Ok(answer)
+            }
+            Err(e) => {
+                tx.rollback().await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Void or expiry of one hold; None when there is no hold. `Voided` means released now.
+    async fn release_on(
+        &self,
+        conn: &mut AnyConnection,
         request_id: &str,
         release: Release<'_>,
     ) -> Result<Option<SettleResponse>, LedgerError> {
@@ -410,10 +565,11 @@ impl Ledger {
             Release::Expire(now) => now,
             Release::Void(_) => self.now(),
         };
-        let mut tx = db.begin_write().await?;
-        let (Some(hold), account) = load_hold(self, tx.conn(), request_id).await? else {
-            tx.rollback().await?;
-            return Ok(None);
+        let (Some(hold), account) = load_hold(self, conn, request_id).await? else {
+            return match release {
+                Release::Void(void) => self.void_before_authorize(conn, void, now).await,
+                Release::Expire(_) => Ok(None),
+            };
         };
         let answer = |status| SettleResponse {
             request_id: request_id.to_string(),
@@ -426,18 +582,15 @@ impl Ledger {
         match (hold.status.as_str(), &release) {
             ("held", _) => {}
             ("voided" | "expired", Release::Void(_)) => {
-                tx.rollback().await?;
                 return Ok(Some(answer(SettleStatus::AlreadyVoided)));
             }
             (status, Release::Void(_)) => {
                 let message =
                     format!("request {request_id} was already {status}; it cannot be voided");
-                tx.rollback().await?;
                 return Err(LedgerError::Conflict(message));
             }
             // Expiry of a hold finalized meanwhile: nothing to do.
             (_, Release::Expire(_)) => {
-                tx.rollback().await?;
                 return Ok(Some(answer(SettleStatus::AlreadyVoided)));
             }
         }
@@ -470,7 +623,7 @@ impl Ledger {
         save_account_in(&mut batch, &account, now);
         let amount = hold.amount;
         let priced = hold.priced;
-        let target = self.target_of_hold(tx.conn(), hold, amount).await?;
+        let target = self.target_of_hold(conn, hold, amount).await?;
         let row = UsageRow {
             request_id,
             target: &target,
@@ -486,11 +639,66 @@ impl Ledger {
             reason: Some(reason),
             ended_at: now,
         };
-        push_usage(self, &mut batch, &row, !priced, now);
+        // A hold left by an authorize that arrived after its settlement (before that
+        // authorize replayed finalized requests) has a usage record already: keep it.
+        let recorded = matches!(release, Release::Expire(_))
+            && usage_record_exists(self, conn, request_id).await?;
+        if !recorded {
+            push_usage(self, &mut batch, &row, !priced, now);
+        }
         journal.into_batch(&mut batch, now);
-        batch.execute(db.dialect(), tx.conn()).await?;
-        tx.commit().await?;
+        batch.execute(db.dialect(), conn).await?;
         Ok(Some(answer(SettleStatus::Voided)))
+    }
+
+    /// A void that found no hold: the filter voids a call whose client left while its
+    /// authorization was pending, and that authorization may not have reached the ledger
+    /// (yet). Success with nothing released, journaled (memo `void before authorize`), and
+    /// a finalized hold row (user unknown: empty) so that a late authorize of this request
+    /// replays it as denied instead of holding.
+    async fn void_before_authorize(
+        &self,
+        conn: &mut AnyConnection,
+        void: &VoidRequest,
+        now: i64,
+    ) -> Result<Option<SettleResponse>, LedgerError> {
+        let request_id = void.request_id.as_str();
+        tracing::info!(request_id = %request_id, reason = %void.reason,
+            "void before authorize: nothing held; later authorizations are refused");
+        let mut batch = Batch::default();
+        let unknown = Target {
+            user_id: String::new(),
+            quota_type: String::new(),
+            provider: String::new(),
+            model: String::new(),
+            measure: Measure::TotalTokens,
+            price: None,
+            release: 0,
+            started_at: None,
+            fail_open: false,
+        };
+        push_tombstone(&mut batch, request_id, &unknown, "voided", now);
+        let mut journal = Journal::default();
+        journal.push_raw(
+            "",
+            "",
+            Entry {
+                kind: "void",
+                request_id: Some(request_id.to_string()),
+                memo: Some("void before authorize".into()),
+                ..Entry::default()
+            },
+        );
+        journal.into_batch(&mut batch, now);
+        batch.execute(self.db().dialect(), conn).await?;
+        Ok(Some(SettleResponse {
+            request_id: request_id.to_string(),
+            status: SettleStatus::Voided,
+            charged: 0,
+            debt: 0,
+            cost: None,
+            currency: None,
+        }))
     }
 
     /// Authorizes and settles a call already made, in one step. Denied when the balance
@@ -576,29 +784,9 @@ async fn load_hold(
         .fetch_optional(&mut *conn)
         .await?;
     let Some(row) = row else {
-        let sql = db.sql("SELECT request_id FROM ledger_holds WHERE request_id = ?");
-        let orphan = sqlx::query(&sql)
-            .bind(request_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if orphan.is_some() {
-            return Err(LedgerError::Inconsistent(format!(
-                "hold {request_id} has no account"
-            )));
-        }
-        return Ok((None, None));
+        return load_orphan_hold(ledger, conn, request_id).await;
     };
-    let hold = Hold {
-        user_id: row.try_get(0)?,
-        quota_type: row.try_get(1)?,
-        provider: row.try_get(2)?,
-        model: row.try_get(3)?,
-        amount: row.try_get(4)?,
-        price_version_id: row.try_get(5)?,
-        priced: row.try_get::<i32, _>(6)? != 0,
-        status: row.try_get(7)?,
-        created_at: row.try_get(8)?,
-    };
+    let hold = hold_of(&row)?;
     let account = Account {
         user_id: hold.user_id.clone(),
         quota_type: hold.quota_type.clone(),
@@ -608,6 +796,73 @@ async fn load_hold(
         next_event_at: row.try_get(12)?,
     };
     Ok((Some(hold), Some(account)))
+}
+
+/// A hold row with no account: only a finalized one is legitimate (a void before
+/// authorize leaves one for an unknown user); an open one means the ledger is broken.
+async fn load_orphan_hold(
+    ledger: &Ledger,
+    conn: &mut AnyConnection,
+    request_id: &str,
+) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
+    let db = ledger.db();
+    let sql = format!(
+        "SELECT user_id, quota_type, provider, model, amount, price_version_id, priced, status, \
+         created_at FROM ledger_holds WHERE request_id = ?{}",
+        db.dialect().for_update()
+    );
+    let row = sqlx::query(&db.sql(&sql))
+        .bind(request_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else {
+        return Ok((None, None));
+    };
+    let hold = hold_of(&row)?;
+    if hold.status == "held" {
+        return Err(LedgerError::Inconsistent(format!(
+            "hold {request_id} has no account"
+        )));
+    }
+    Ok((Some(hold), None))
+}
+
+/// The first nine columns of a hold query.
+fn hold_of(row: &sqlx::any::AnyRow) -> Result<Hold, LedgerError> {
+    Ok(Hold {
+        user_id: row.try_get(0)?,
+        quota_type: row.try_get(1)?,
+        provider: row.try_get(2)?,
+        model: row.try_get(3)?,
+        amount: row.try_get(4)?,
+        price_version_id: row.try_get(5)?,
+        priced: row.try_get::<i32, _>(6)? != 0,
+        status: row.try_get(7)?,
+        created_at: row.try_get(8)?,
+    })
+}
+
+/// A finalized hold row of amount 0 for a request that never held (direct settlement,
+/// void before authorize): it keys the request, so a late authorize replays it.
+fn push_tombstone(batch: &mut Batch, request_id: &str, target: &Target, status: &str, now: i64) {
+    batch.push(
+        "INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, amount, \
+         price_version_id, priced, status, created_at, expires_at, finalized_at) \
+         VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
+        vec![
+            request_id.into(),
+            target.user_id.as_str().into(),
+            target.quota_type.as_str().into(),
+            target.provider.as_str().into(),
+            target.model.as_str().into(),
+            target.price.as_ref().map(|p| p.id).into(),
+            i64::from(target.price.is_some()).into(),
+            status.into(),
+            now.into(),
+            now.into(),
+            now.into(),
+        ],
+    );
 }
 
 async fn usage_record_exists(

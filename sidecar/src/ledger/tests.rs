@@ -383,10 +383,11 @@ async fn retries_are_idempotent_and_conflicting_retries_are_rejected() {
             reason: String::new(),
             upstream_status: 0,
         };
-        assert!(matches!(
-            l.void(&missing).await,
-            Err(LedgerError::NotFound(_))
-        ));
+        assert_eq!(l.void(&missing).await.unwrap().status, SettleStatus::Voided);
+        assert_eq!(
+            l.void(&missing).await.unwrap().status,
+            SettleStatus::AlreadyVoided
+        );
 
         let b = l.balance("u", "text_token").await.unwrap().unwrap();
         assert_eq!((b.held, b.used, b.remaining), (0, 170, 9_830));
@@ -1262,6 +1263,330 @@ async fn throughput_of_authorize_settle_pairs() {
             settle_time / pairs as u32,
         );
         assert_clean(&ledger).await;
+        t.cleanup().await;
+    }
+}
+
+/// One group (one transaction) holding a new authorization, its retry, a retry with other
+/// figures, a denial, a void of an unknown request and a settlement of another call: each
+/// gets its own answer, the failing ones fail alone, and the rest commits.
+#[tokio::test]
+async fn group_commit_answers_each_operation_and_replays_retries_within_the_group() {
+    for t in each_backend().await {
+        seed_catalog(&t.db).await;
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        l.grant(&grant_req("gina", 1_000, "g1")).await.unwrap();
+        l.authorize(&auth("earlier", "gina", 10, 10)).await.unwrap();
+        let reserve = |req: AuthorizeRequest| async move {
+            let admission = l.admit(&req, None).await.unwrap().unwrap();
+            group::Op::Reserve { req, admission }
+        };
+        let ops = vec![
+            reserve(auth("g-1", "gina", 100, 100)).await,
+            reserve(auth("g-1", "gina", 100, 100)).await,
+            reserve(auth("g-1", "gina", 100, 300)).await,
+            reserve(auth("g-2", "gina", 400, 400)).await,
+            group::Op::Void(VoidRequest {
+                request_id: "nobody".into(),
+                reason: "x".into(),
+                upstream_status: 500,
+            }),
+            group::Op::Settle(settle_req("earlier", "gina", 5, 5)),
+        ];
+        let results = l.submit(ops).await;
+        let backend = t.backend;
+        let allowed = |r: &Result<group::Done, LedgerError>| match r {
+            Ok(group::Done::Authorized(a)) => Some((a.decision, a.held)),
+            _ => None,
+        };
+        assert_eq!(
+            allowed(&results[0]),
+            Some((Decision::Allow, 200)),
+            "{backend:?}"
+        );
+        assert_eq!(
+            allowed(&results[1]),
+            Some((Decision::Allow, 200)),
+            "{backend:?}"
+        );
+        assert!(
+            matches!(&results[2], Err(LedgerError::Conflict(_))),
+            "{backend:?}"
+        );
+        // 1000 - 200 (g-1) - 20 (earlier, held until settled) leaves 780 < 800.
+        assert_eq!(
+            allowed(&results[3]),
+            Some((Decision::Deny, 0)),
+            "{backend:?}"
+        );
+        assert!(
+            matches!(&results[4], Ok(group::Done::Voided(Some(v))) if v.status == SettleStatus::Voided),
+            "{backend:?}"
+        );
+        assert!(
+            matches!(&results[5], Ok(group::Done::Settled(s)) if s.charged == 10),
+            "{backend:?}"
+        );
+        let b = l.balance("gina", "text_token").await.unwrap().unwrap();
+        assert_eq!((b.remaining, b.held), (990, 200), "{backend:?}");
+        // The retry after the group committed is answered the same way.
+        let again = l.authorize(&auth("g-1", "gina", 100, 100)).await.unwrap();
+        assert_eq!((again.decision, again.held), (Decision::Allow, 200));
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}
+
+/// A finalize batch is applied together, and each item is answered as settle/void would.
+#[tokio::test]
+async fn finalize_batches_answer_each_item_like_single_calls() {
+    use llm_meter_protocol::Finalize;
+    for t in each_backend().await {
+        seed_catalog(&t.db).await;
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        l.grant(&grant_req("fin", 10_000, "g1")).await.unwrap();
+        for id in ["f-1", "f-2", "f-3"] {
+            l.authorize(&auth(id, "fin", 100, 100)).await.unwrap();
+        }
+        let void = |id: &str| {
+            Finalize::Void(VoidRequest {
+                request_id: id.into(),
+                reason: "upstream 500".into(),
+                upstream_status: 500,
+            })
+        };
+        let items = vec![
+            Finalize::Settle(settle_req("f-1", "fin", 100, 20)),
+            Finalize::Settle(settle_req("f-1", "fin", 100, 20)),
+            Finalize::Settle(settle_req("f-1", "fin", 100, 21)),
+            void("f-2"),
+            void("f-2"),
+            void("f-1"),
+            void("unknown"),
+            Finalize::Settle(settle_req("", "fin", 1, 1)),
+            Finalize::Settle(settle_req("f-3", "fin", 10, 10)),
+        ];
+        let results = l.finalize(&items).await;
+        let backend = t.backend;
+        let status = |i: usize| results[i].as_ref().map(|r| r.status).ok();
+        assert_eq!(status(0), Some(SettleStatus::Settled), "{backend:?}");
+        assert_eq!(status(1), Some(SettleStatus::AlreadySettled), "{backend:?}");
+        assert!(
+            matches!(results[2], Err(LedgerError::Conflict(_))),
+            "{backend:?}"
+        );
+        assert_eq!(status(3), Some(SettleStatus::Voided), "{backend:?}");
+        assert_eq!(status(4), Some(SettleStatus::AlreadyVoided), "{backend:?}");
+        assert!(
+            matches!(results[5], Err(LedgerError::Conflict(_))),
+            "{backend:?}"
+        );
+        // Void before authorize: success, nothing released.
+        assert_eq!(status(6), Some(SettleStatus::Voided), "{backend:?}");
+        assert!(
+            matches!(results[7], Err(LedgerError::Invalid(_))),
+            "{backend:?}"
+        );
+        assert_eq!(status(8), Some(SettleStatus::Settled), "{backend:?}");
+        let b = l.balance("fin", "text_token").await.unwrap().unwrap();
+        assert_eq!((b.remaining, b.held), (10_000 - 120 - 20, 0), "{backend:?}");
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}
+
+/// Fail-open: the settlement reaches the ledger before its late authorize. The authorize
+/// holds nothing, and hold expiry goes on past a hold that cannot be expired.
+#[tokio::test]
+async fn an_authorize_after_its_settlement_holds_nothing_and_expiry_survives_bad_rows() {
+    for t in each_backend().await {
+        seed_catalog(&t.db).await;
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        let backend = t.backend;
+        l.grant(&grant_req("late", 1_000, "g1")).await.unwrap();
+        let mut settle = settle_req("fo-1", "late", 30, 20);
+        settle.authorized = false;
+        assert_eq!(
+            l.settle(&settle).await.unwrap().status,
+            SettleStatus::Settled
+        );
+        let a = l.authorize(&auth("fo-1", "late", 30, 20)).await.unwrap();
+        assert_eq!((a.decision, a.held), (Decision::Allow, 0), "{backend:?}");
+        let again = l.authorize(&auth("fo-1", "late", 30, 20)).await.unwrap();
+        assert_eq!((again.decision, again.held), (Decision::Allow, 0));
+        let mut other = auth("fo-1", "late", 30, 20);
+        other.caller = Caller::UserId("someone-else".into());
+        assert!(
+            matches!(l.authorize(&other).await, Err(LedgerError::Conflict(_))),
+            "{backend:?}"
+        );
+        let b = l.balance("late", "text_token").await.unwrap().unwrap();
+        assert_eq!((b.held, b.used), (0, 50), "{backend:?}");
+
+        // A hold that cannot be expired (no account: a broken row) comes first, then a
+        // good one: the sweep reports the first and still expires the second.
+        exec(
+            &t.db,
+            "INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, amount, \
+             price_version_id, priced, status, created_at, expires_at, finalized_at) \
+             VALUES ('broken', 'ghost', 'text_token', 'openai', 'gpt', 5, NULL, 0, 'held', 0, 1, NULL)",
+        )
+        .await;
+        l.authorize(&auth("ok-1", "late", 10, 10)).await.unwrap();
+        let report = l.expire_holds(l.now() + 3_600_000).await.unwrap();
+        assert_eq!(
+            (report.expired, report.failed, report.units_released),
+            (1, 1, 20),
+            "{backend:?}"
+        );
+        exec(
+            &t.db,
+            "DELETE FROM ledger_holds WHERE request_id = 'broken'",
+        )
+        .await;
+        let b = l.balance("late", "text_token").await.unwrap().unwrap();
+        assert_eq!((b.held, b.used), (0, 50), "{backend:?}");
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}
+
+/// The filter voids a call whose client left while its authorization was pending; that
+/// authorization may reach the ledger later. The void succeeds (journaled), the late
+/// authorize is denied and holds nothing, and a settlement of it is refused.
+#[tokio::test]
+async fn a_void_before_authorize_succeeds_and_blocks_a_later_hold() {
+    for t in each_backend().await {
+        seed_catalog(&t.db).await;
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        let backend = t.backend;
+        l.grant(&grant_req("gone", 1_000, "g1")).await.unwrap();
+        let void = VoidRequest {
+            request_id: "vb-1".into(),
+            reason: "client disconnected".into(),
+            upstream_status: 0,
+        };
+        assert_eq!(l.void(&void).await.unwrap().status, SettleStatus::Voided);
+        assert_eq!(
+            l.void(&void).await.unwrap().status,
+            SettleStatus::AlreadyVoided
+        );
+        let a = l.authorize(&auth("vb-1", "gone", 10, 10)).await.unwrap();
+        assert_eq!((a.decision, a.held), (Decision::Deny, 0), "{backend:?}");
+        assert_eq!(
+            a.denial.map(|d| d.code),
+            Some(llm_meter_protocol::DenyCode::InvalidRequest)
+        );
+        assert!(
+            matches!(
+                l.settle(&settle_req("vb-1", "gone", 1, 1)).await,
+                Err(LedgerError::Conflict(_))
+            ),
+            "{backend:?}"
+        );
+        let b = l.balance("gone", "text_token").await.unwrap().unwrap();
+        assert_eq!((b.held, b.used), (0, 0), "{backend:?}");
+        let memo: Option<String> = sqlx::query(
+            &t.db
+                .sql("SELECT memo FROM ledger_journal WHERE request_id = 'vb-1' AND kind = 'void'"),
+        )
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap()
+        .get(0);
+        assert_eq!(memo.as_deref(), Some("void before authorize"));
+        assert_eq!(
+            l.expire_holds(l.now() + 3_600_000).await.unwrap(),
+            ExpireHoldsReport::default()
+        );
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}
+
+/// A replayed settlement must match who and what was settled, not only the usage.
+#[tokio::test]
+async fn a_replayed_settlement_for_another_caller_or_model_conflicts() {
+    for t in each_backend().await {
+        seed_catalog(&t.db).await;
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        let backend = t.backend;
+        l.grant(&grant_req("rp", 1_000, "g1")).await.unwrap();
+        l.authorize(&auth("rp-1", "rp", 10, 10)).await.unwrap();
+        let settle = settle_req("rp-1", "rp", 10, 5);
+        assert_eq!(
+            l.settle(&settle).await.unwrap().status,
+            SettleStatus::Settled
+        );
+        assert_eq!(
+            l.settle(&settle).await.unwrap().status,
+            SettleStatus::AlreadySettled
+        );
+        let mut caller = settle.clone();
+        caller.caller = Caller::UserId("mallory".into());
+        let mut provider = settle.clone();
+        provider.provider = "deepseek".into();
+        let mut model = settle.clone();
+        model.model = "gpt-other".into();
+        for replay in [caller, provider, model] {
+            assert!(
+                matches!(l.settle(&replay).await, Err(LedgerError::Conflict(_))),
+                "{backend:?}"
+            );
+        }
+        let b = l.balance("rp", "text_token").await.unwrap().unwrap();
+        assert_eq!(b.used, 15, "{backend:?}");
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}
+
+/// A grant takes the account lock before it writes its lot, like every other ledger
+/// write: a transaction holding the account (a settlement) can then scan and lock the
+/// user's lots without waiting for the grant's uncommitted lot, so the two never
+/// deadlock. MySQL/MariaDB only: there a locking read waits for an uncommitted insert
+/// (PostgreSQL does not see it, SQLite has one writer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_waits_for_the_account_before_writing_its_lot() {
+    for t in each_backend().await {
+        if t.backend != crate::storage::Dialect::MySql {
+            t.cleanup().await;
+            continue;
+        }
+        seed_catalog(&t.db).await;
+        let f = fixture(&t).await;
+        let l = f.ledger.clone();
+        l.grant(&grant_req("lo", 100, "g1")).await.unwrap();
+        let mut settlement = t.db.pool().begin().await.unwrap();
+        sqlx::query(
+            "SELECT balance FROM ledger_accounts WHERE user_id = 'lo' AND quota_type = \
+             'text_token' FOR UPDATE",
+        )
+        .fetch_one(&mut *settlement)
+        .await
+        .unwrap();
+        let grant = tokio::spawn({
+            let l = l.clone();
+            async move { l.grant(&grant_req("lo", 50, "g2")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lots = sqlx::query(
+            "SELECT id FROM quota_lots WHERE user_id = 'lo' AND quota_type = 'text_token' \
+             AND status = 'active' FOR UPDATE NOWAIT",
+        )
+        .fetch_all(&mut *settlement)
+        .await;
+        assert_eq!(lots.map(|rows| rows.len()).ok(), Some(1));
+        settlement.commit().await.unwrap();
+        assert!(grant.await.unwrap().unwrap().created);
+        let b = l.balance("lo", "text_token").await.unwrap().unwrap();
+        assert_eq!(b.remaining, 150);
+        assert_clean(&l).await;
         t.cleanup().await;
     }
 }
