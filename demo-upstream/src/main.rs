@@ -30,7 +30,10 @@ async fn main() {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+    if let Err(err) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
         eprintln!("demo upstream: {err}");
     }
 }
@@ -54,7 +57,11 @@ fn prompt_text(body: &Value) -> String {
 }
 
 async fn chat(Json(body): Json<Value>) -> Response<Body> {
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("demo-model").to_string();
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("demo-model")
+        .to_string();
     let prompt_tokens = approx_tokens(&prompt_text(&body));
     let words: Vec<String> = REPLY.split_inclusive(' ').map(str::to_string).collect();
     let completion_tokens = words.len() as u64;
