@@ -15,7 +15,7 @@ use llm_meter_protocol::Usage;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::wire::{Count, Text};
+use super::wire::{Count, Text, ToolCall};
 use super::Observed;
 
 #[derive(Deserialize, Default)]
@@ -59,20 +59,6 @@ struct Message<'a> {
     reasoning_content: Text<'a>,
     #[serde(borrow)]
     tool_calls: Option<Vec<ToolCall<'a>>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct ToolCall<'a> {
-    #[serde(borrow)]
-    function: Option<Function<'a>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct Function<'a> {
-    #[serde(borrow)]
-    arguments: Text<'a>,
 }
 
 #[derive(Deserialize, Default)]

@@ -15,7 +15,7 @@ use llm_meter_protocol::Usage;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::wire::{describe_error, Count, Text};
+use super::wire::{describe_error, Count, Function, Text, ToolCall};
 use super::Observed;
 
 #[derive(Deserialize, Default)]
@@ -59,20 +59,6 @@ struct Message<'a> {
     tool_calls: Option<Vec<ToolCall<'a>>>,
     #[serde(borrow)]
     function_call: Option<Function<'a>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct ToolCall<'a> {
-    #[serde(borrow)]
-    function: Option<Function<'a>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct Function<'a> {
-    #[serde(borrow)]
-    arguments: Text<'a>,
 }
 
 #[derive(Deserialize, Default)]

@@ -122,6 +122,22 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
+/// A tool call in an OpenAI-style message or delta (also DashScope's): only its arguments are
+/// generated text worth tallying for an estimate.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct ToolCall<'a> {
+    #[serde(borrow)]
+    pub function: Option<Function<'a>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct Function<'a> {
+    #[serde(borrow)]
+    pub arguments: Text<'a>,
+}
+
 struct TextVisitor<'a>(PhantomData<Text<'a>>);
 
 impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
