@@ -17,3 +17,6 @@ CARGO_TARGET_WASM32_WASIP1_RUNNER="python3 $(pwd)/scripts/wasi-run.py" \
 
 echo "sidecar API against its own OpenAPI document (schemathesis):"
 bash scripts/schemathesis.sh
+
+echo "formatting and lints (cargo fmt --check, clippy -D warnings, native and wasm32):"
+make --no-print-directory lint
