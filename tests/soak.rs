@@ -517,12 +517,12 @@ async fn reconcile(
             "{user}: {quota}"
         );
         if num(&quota, "debt") > 0 {
+            // Debt is recorded when an overrun finds the rest of the balance held by other
+            // calls; those units are spendable again once the holds are released, and the
+            // debt itself is paid by the next grant (see README, "Granting quota"). So a
+            // debt may stand beside a remaining balance; it must equal the records' debt,
+            // checked above.
             debt_users += 1;
-            assert_eq!(
-                num(&quota, "remaining"),
-                0,
-                "{user}: debt only once exhausted: {quota}"
-            );
         }
     }
     assert!(
