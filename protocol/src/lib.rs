@@ -51,6 +51,79 @@ pub struct AuthorizeRequest {
     pub requested_images: Option<u64>,
     #[serde(default)]
     pub stream: bool,
+    /// Ask for a lease: hold more than this call needs so the filter can admit the
+    /// caller's next calls of the same model by itself (see [`Lease`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseAsk>,
+}
+
+/// What the filter asks of a lease.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseAsk {
+    /// Units wanted in all, this call's own hold included. The sidecar grants less when the
+    /// caller's balance is low (never less than the call's own hold).
+    pub units: u64,
+    /// How long the filter may admit calls against the lease.
+    pub ttl_ms: u64,
+}
+
+/// How the filter sizes a call's hold by itself, mirroring the sidecar's own rule for the
+/// lease's quota type. Only quota types measured in countable units are leased (a quota of
+/// money needs the price book, so it is always authorized call by call).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldMeasure {
+    /// Estimated input tokens plus the output cap.
+    TotalTokens,
+    /// Estimated input tokens.
+    InputTokens,
+    /// The output cap.
+    OutputTokens,
+    /// Requested images (1 when not given).
+    Images,
+    /// One per call.
+    Requests,
+}
+
+impl HoldMeasure {
+    /// Units to hold for one call; at least 1, like the sidecar's own holds.
+    pub fn hold_units(
+        self,
+        estimated_input_tokens: u64,
+        max_output_tokens: Option<u64>,
+        requested_images: Option<u64>,
+        default_max_output_tokens: u64,
+    ) -> u64 {
+        let output_cap = max_output_tokens.unwrap_or(default_max_output_tokens);
+        let units = match self {
+            HoldMeasure::TotalTokens => estimated_input_tokens.saturating_add(output_cap),
+            HoldMeasure::InputTokens => estimated_input_tokens,
+            HoldMeasure::OutputTokens => output_cap,
+            HoldMeasure::Images => requested_images.unwrap_or(1),
+            HoldMeasure::Requests => 1,
+        };
+        units.max(1)
+    }
+}
+
+/// Units held in the ledger for one caller and model, from which the filter admits calls
+/// without asking the sidecar again. The lease is an ordinary hold in the ledger: units in
+/// it are reserved exactly as a call's hold is, so local admission can never overdraw.
+/// Calls admitted under it are settled one by one (each keeps its own usage record) with
+/// [`SettleRequest::lease_id`]; what is left is released with [`Finalize::Release`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Key of the lease's hold in the ledger (never the id of a call).
+    pub lease_id: String,
+    /// Units held in all, the authorizing call's own `held` included.
+    pub units: u64,
+    /// No call may be admitted under the lease after this instant (Unix ms, sidecar clock);
+    /// calls admitted before it still settle against it.
+    pub expires_at_ms: u64,
+    /// How the filter sizes each call's share.
+    pub measure: HoldMeasure,
+    /// The output cap assumed when a request names none.
+    pub default_max_output_tokens: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +200,9 @@ pub struct AuthorizeResponse {
     pub priced: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denial: Option<Denial>,
+    /// Granted when asked for and allowed; this call's `held` is part of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
 }
 
 /// Normalised usage of one call. Every provider format is mapped onto these fields by the
@@ -194,6 +270,12 @@ pub struct SettleRequest {
     /// that arrives late is still booked on the right day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at_ms: Option<u64>,
+    /// The call was admitted by the filter under this lease rather than held on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
+    /// Units the filter set aside for the call from its lease (recorded as the call's hold).
+    #[serde(default)]
+    pub held: u64,
 }
 
 fn default_true() -> bool {
@@ -207,6 +289,20 @@ pub struct VoidRequest {
     pub reason: String,
     #[serde(default)]
     pub upstream_status: u16,
+    /// The call was admitted under this lease: nothing is released in the ledger (its
+    /// share returns to the filter's lease), but the void is recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
+    /// Units the filter had set aside for the call from its lease.
+    #[serde(default)]
+    pub held: u64,
+}
+
+/// Give back what is left of a lease: no call is admitted under it any more and none is
+/// in flight (a settlement that still arrives is charged like one whose hold expired).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseRequest {
+    pub lease_id: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +316,10 @@ pub enum SettleStatus {
     Voided,
     /// A retry of a void that was already applied.
     AlreadyVoided,
+    /// A lease's remaining units were released.
+    Released,
+    /// The lease was already released, or expired before the release arrived.
+    AlreadyReleased,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -245,13 +345,16 @@ pub struct SettleResponse {
 pub enum Finalize {
     Settle(SettleRequest),
     Void(VoidRequest),
+    Release(ReleaseRequest),
 }
 
 impl Finalize {
+    /// The item's idempotency key: the call's request id, or the lease id of a release.
     pub fn request_id(&self) -> &str {
         match self {
             Finalize::Settle(s) => &s.request_id,
             Finalize::Void(v) => &v.request_id,
+            Finalize::Release(r) => &r.lease_id,
         }
     }
 }
@@ -309,6 +412,8 @@ mod tests {
             request_id: "r1".into(),
             reason: "upstream 500".into(),
             upstream_status: 500,
+            lease_id: None,
+            held: 0,
         });
         let json = serde_json::to_value(&item).unwrap();
         assert_eq!(json["op"], "void");
@@ -325,6 +430,33 @@ mod tests {
         assert!(settle.authorized);
         assert!(!settle.estimated);
         assert_eq!(settle.usage.total_tokens(), 7);
+    }
+
+    #[test]
+    fn lease_fields_are_optional_on_the_wire() {
+        let json = r#"{"request_id":"r","caller":{"user_id":"u"},"provider":"openai","model":"m",
+            "estimated_input_tokens":3}"#;
+        let ask: AuthorizeRequest = serde_json::from_str(json).unwrap();
+        assert_eq!(ask.lease, None);
+        let release = Finalize::Release(ReleaseRequest {
+            lease_id: "lease-1".into(),
+        });
+        let json = serde_json::to_value(&release).unwrap();
+        assert_eq!(json["op"], "release");
+        assert_eq!(release.request_id(), "lease-1");
+    }
+
+    #[test]
+    fn hold_measures_size_a_call_like_the_sidecar() {
+        assert_eq!(HoldMeasure::TotalTokens.hold_units(10, Some(5), None, 99), 15);
+        assert_eq!(HoldMeasure::TotalTokens.hold_units(10, None, None, 99), 109);
+        assert_eq!(HoldMeasure::InputTokens.hold_units(0, Some(5), None, 99), 1);
+        assert_eq!(HoldMeasure::OutputTokens.hold_units(10, Some(5), None, 99), 5);
+        assert_eq!(HoldMeasure::Images.hold_units(10, None, None, 99), 1);
+        assert_eq!(HoldMeasure::Images.hold_units(10, None, Some(4), 99), 4);
+        assert_eq!(HoldMeasure::Requests.hold_units(10, Some(5), Some(4), 99), 1);
+        let big = HoldMeasure::TotalTokens.hold_units(u64::MAX, Some(5), None, 99);
+        assert_eq!(big, u64::MAX);
     }
 
     #[test]
