@@ -230,6 +230,8 @@ fn void(call: &CallRecord, reason: String, upstream_status: u16) -> Option<Final
             request_id: call.request_id.clone(),
             reason,
             upstream_status,
+            lease_id: None,
+            held: 0,
         })
     })
 }
@@ -257,6 +259,8 @@ fn settle(
         authorized: call.authorized,
         upstream_status,
         ended_at_ms: Some(now_ms),
+        lease_id: None,
+        held: 0,
     }
 }
 
@@ -330,6 +334,7 @@ mod tests {
                 code: DenyCode::QuotaExhausted,
                 message: "no tokens left".into(),
             }),
+            lease: None,
         };
         let body = serde_json::to_vec(&response).unwrap();
         for mode in [FailureMode::FailClosed, FailureMode::FailOpen] {

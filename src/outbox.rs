@@ -275,6 +275,8 @@ mod tests {
             request_id: id.into(),
             reason: "test".into(),
             upstream_status: 500,
+            lease_id: None,
+            held: 0,
         })
     }
 

@@ -873,6 +873,8 @@ async fn replayed_settlement_with_other_figures_is_rejected_and_changes_nothing(
         authorized: true,
         upstream_status: 200,
         ended_at_ms: None,
+        lease_id: None,
+        held: 0,
     };
     let http = reqwest::Client::new();
     let url = format!("{}{PATH_SETTLE}", stack.sidecar.base_url());

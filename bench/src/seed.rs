@@ -114,6 +114,7 @@ pub fn authorize_request(request_id: &str, user: &str) -> AuthorizeRequest {
         max_output_tokens: Some(MAX_OUTPUT_TOKENS),
         requested_images: None,
         stream: true,
+        lease: None,
     }
 }
 
@@ -139,5 +140,7 @@ pub fn settle_request(request_id: &str, user: &str) -> SettleRequest {
         authorized: true,
         upstream_status: 200,
         ended_at_ms: None,
+        lease_id: None,
+        held: 0,
     }
 }

@@ -448,13 +448,22 @@ mod tests {
 
     #[test]
     fn hold_measures_size_a_call_like_the_sidecar() {
-        assert_eq!(HoldMeasure::TotalTokens.hold_units(10, Some(5), None, 99), 15);
+        assert_eq!(
+            HoldMeasure::TotalTokens.hold_units(10, Some(5), None, 99),
+            15
+        );
         assert_eq!(HoldMeasure::TotalTokens.hold_units(10, None, None, 99), 109);
         assert_eq!(HoldMeasure::InputTokens.hold_units(0, Some(5), None, 99), 1);
-        assert_eq!(HoldMeasure::OutputTokens.hold_units(10, Some(5), None, 99), 5);
+        assert_eq!(
+            HoldMeasure::OutputTokens.hold_units(10, Some(5), None, 99),
+            5
+        );
         assert_eq!(HoldMeasure::Images.hold_units(10, None, None, 99), 1);
         assert_eq!(HoldMeasure::Images.hold_units(10, None, Some(4), 99), 4);
-        assert_eq!(HoldMeasure::Requests.hold_units(10, Some(5), Some(4), 99), 1);
+        assert_eq!(
+            HoldMeasure::Requests.hold_units(10, Some(5), Some(4), 99),
+            1
+        );
         let big = HoldMeasure::TotalTokens.hold_units(u64::MAX, Some(5), None, 99);
         assert_eq!(big, u64::MAX);
     }

@@ -211,6 +211,8 @@ fn settle_status_label(status: SettleStatus) -> &'static str {
         SettleStatus::AlreadySettled => "already_settled",
         SettleStatus::Voided => "voided",
         SettleStatus::AlreadyVoided => "already_voided",
+        SettleStatus::Released => "released",
+        SettleStatus::AlreadyReleased => "already_released",
     }
 }
 
@@ -247,6 +249,8 @@ mod tests {
             authorized: false,
             upstream_status: 200,
             ended_at_ms: None,
+            lease_id: None,
+            held: 0,
         })
     }
 
@@ -261,6 +265,8 @@ mod tests {
                     request_id: id.into(),
                     reason: "client left".into(),
                     upstream_status: 0,
+                    lease_id: None,
+                    held: 0,
                 })
             };
             let items = vec![

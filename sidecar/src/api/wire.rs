@@ -242,6 +242,8 @@ mod tests {
             authorized: true,
             upstream_status: 200,
             ended_at_ms: Some(1),
+            lease_id: None,
+            held: 0,
         };
         let settled = wire::SettleResponse {
             request_id: "r".into(),
@@ -262,6 +264,7 @@ mod tests {
                 code: wire::DenyCode::NoQuota,
                 message: "m".into(),
             }),
+            lease: None,
         };
         let samples: Vec<(&str, Value)> = vec![
             (
@@ -275,6 +278,7 @@ mod tests {
                     max_output_tokens: Some(1),
                     requested_images: Some(1),
                     stream: true,
+                    lease: None,
                 })
                 .unwrap(),
             ),
@@ -295,6 +299,8 @@ mod tests {
                     request_id: "r".into(),
                     reason: "x".into(),
                     upstream_status: 1,
+                    lease_id: None,
+                    held: 0,
                 })
                 .unwrap(),
             ),

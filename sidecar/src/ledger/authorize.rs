@@ -575,6 +575,7 @@ fn allow(
         held,
         priced,
         denial: None,
+        lease: None,
     }
 }
 
@@ -593,5 +594,6 @@ fn denial(
         held: 0,
         priced: false,
         denial: Some(Denial { code, message }),
+        lease: None,
     }
 }

@@ -97,6 +97,10 @@ fn check_finalize(item: &Finalize) -> Result<(), LedgerError> {
             validate_usage(&req.usage)
         }
         Finalize::Void(req) => check_key(&req.request_id, "request_id"),
+        Finalize::Release(req) => {
+            check_key(&req.lease_id, "lease_id")?;
+            Err(LedgerError::Invalid("leases are not supported yet".into()))
+        }
     }
 }
 
@@ -443,6 +447,7 @@ impl Ledger {
                 .map(|&i| match &items[i] {
                     Finalize::Settle(req) => Op::Settle(req.clone()),
                     Finalize::Void(req) => Op::Void(req.clone()),
+                    Finalize::Release(_) => unreachable!("rejected by check_finalize"),
                 })
                 .collect();
             let answers = self.submit(ops).await;
@@ -714,6 +719,7 @@ impl Ledger {
             max_output_tokens: Some(req.usage.output_tokens),
             requested_images: Some(req.usage.images),
             stream: false,
+            lease: None,
         };
         let units = {
             let mut conn = self.db().pool().acquire().await?;
@@ -749,6 +755,8 @@ impl Ledger {
             authorized: true,
             upstream_status: 200,
             ended_at_ms: None,
+            lease_id: None,
+            held: 0,
         };
         let settlement = self.settle(&settle).await?;
         Ok(ConsumeResponse {

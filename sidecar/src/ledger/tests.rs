@@ -152,6 +152,7 @@ fn auth(id: &str, user: &str, input: u64, max_output: u64) -> AuthorizeRequest {
         max_output_tokens: Some(max_output),
         requested_images: None,
         stream: false,
+        lease: None,
     }
 }
 
@@ -171,6 +172,8 @@ fn settle_req(id: &str, user: &str, input: u64, output: u64) -> SettleRequest {
         authorized: true,
         upstream_status: 200,
         ended_at_ms: None,
+        lease_id: None,
+        held: 0,
     }
 }
 
@@ -256,6 +259,8 @@ async fn expired_lots_stop_counting_and_are_journaled() {
             request_id: "a".into(),
             reason: "test".into(),
             upstream_status: 500,
+            lease_id: None,
+            held: 0,
         })
         .await
         .unwrap();
@@ -360,6 +365,8 @@ async fn retries_are_idempotent_and_conflicting_retries_are_rejected() {
             request_id: "r".into(),
             reason: "late".into(),
             upstream_status: 0,
+            lease_id: None,
+            held: 0,
         };
         assert!(matches!(l.void(&void).await, Err(LedgerError::Conflict(_))));
 
@@ -368,6 +375,8 @@ async fn retries_are_idempotent_and_conflicting_retries_are_rejected() {
             request_id: "v".into(),
             reason: "upstream 503".into(),
             upstream_status: 503,
+            lease_id: None,
+            held: 0,
         };
         assert_eq!(l.void(&void).await.unwrap().status, SettleStatus::Voided);
         assert_eq!(
@@ -382,6 +391,8 @@ async fn retries_are_idempotent_and_conflicting_retries_are_rejected() {
             request_id: "nope".into(),
             reason: String::new(),
             upstream_status: 0,
+            lease_id: None,
+            held: 0,
         };
         assert_eq!(l.void(&missing).await.unwrap().status, SettleStatus::Voided);
         assert_eq!(
@@ -622,6 +633,8 @@ async fn holds_expire_after_their_ttl_and_late_settlements_still_charge() {
                 request_id: "fresh".into(),
                 reason: "x".into(),
                 upstream_status: 0,
+                lease_id: None,
+                held: 0,
             })
             .await
             .unwrap();
@@ -1068,6 +1081,8 @@ async fn concurrent_admission_never_exceeds_the_balance() {
                                 request_id: id.clone(),
                                 reason: "x".into(),
                                 upstream_status: 500,
+                                lease_id: None,
+                                held: 0,
                             };
                             ledger.void(&void).await?;
                             (r.held, 0, 0)
@@ -1291,6 +1306,8 @@ async fn group_commit_answers_each_operation_and_replays_retries_within_the_grou
                 request_id: "nobody".into(),
                 reason: "x".into(),
                 upstream_status: 500,
+                lease_id: None,
+                held: 0,
             }),
             group::Op::Settle(settle_req("earlier", "gina", 5, 5)),
         ];
@@ -1355,6 +1372,8 @@ async fn finalize_batches_answer_each_item_like_single_calls() {
                 request_id: id.into(),
                 reason: "upstream 500".into(),
                 upstream_status: 500,
+                lease_id: None,
+                held: 0,
             })
         };
         let items = vec![
@@ -1469,6 +1488,8 @@ async fn a_void_before_authorize_succeeds_and_blocks_a_later_hold() {
             request_id: "vb-1".into(),
             reason: "client disconnected".into(),
             upstream_status: 0,
+            lease_id: None,
+            held: 0,
         };
         assert_eq!(l.void(&void).await.unwrap().status, SettleStatus::Voided);
         assert_eq!(

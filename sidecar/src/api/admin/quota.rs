@@ -618,6 +618,7 @@ fn invalid_key(request_id: &str) -> ConsumeResponse {
                 code: DenyCode::InvalidApiKey,
                 message: "the API key is unknown or revoked".into(),
             }),
+            lease: None,
         },
         settlement: None,
     }
