@@ -16,6 +16,10 @@ pub const DEFAULT_SETTLE_RETRY_INITIAL_MS: u64 = 500;
 pub const DEFAULT_SETTLE_RETRY_MAX_MS: u64 = 30_000;
 pub const DEFAULT_SETTLE_TICK_MS: u64 = 200;
 pub const DEFAULT_OUTBOX_CAPACITY: usize = 10_000;
+pub const DEFAULT_LEASE_UNITS: u64 = 100_000;
+pub const DEFAULT_LEASE_TTL_MS: u64 = 30_000;
+pub const DEFAULT_LEASE_IDLE_MS: u64 = 2_000;
+pub const DEFAULT_MAX_LEASES: usize = 10_000;
 
 /// Upper bound for any timeout or delay: beyond it a value is almost surely a unit mistake.
 const MAX_DELAY_MS: u64 = 3_600_000;
@@ -86,6 +90,19 @@ pub struct Config {
     /// Settlements kept waiting at most; beyond it new ones are dropped and counted.
     #[serde(default = "default_outbox_capacity")]
     pub outbox_capacity: usize,
+    /// Quota units asked for per lease (see `lease`); 0 authorizes every call on its own.
+    #[serde(default = "default_lease_units")]
+    pub lease_units: u64,
+    /// How long a lease admits calls: the most an admission decision can lag the ledger
+    /// (a revoked key, a disabled model).
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
+    /// A lease unused for this long is released, so idle callers hold nothing.
+    #[serde(default = "default_lease_idle_ms")]
+    pub lease_idle_ms: u64,
+    /// Most leases one Envoy worker keeps at once.
+    #[serde(default = "default_max_leases")]
+    pub max_leases: usize,
 }
 
 /// A configuration that cannot be used, naming the field at fault.
@@ -198,7 +215,21 @@ impl Config {
             1,
             10_000_000,
         )?;
+        in_range("lease_units", self.lease_units, 0, 1_000_000_000_000)?;
+        in_range("lease_ttl_ms", self.lease_ttl_ms, 100, MAX_DELAY_MS)?;
+        in_range("lease_idle_ms", self.lease_idle_ms, 10, MAX_DELAY_MS)?;
+        in_range("max_leases", self.max_leases as u64, 1, 1_000_000)?;
         Ok(())
+    }
+
+    /// The lease settings, for the lease book.
+    pub fn lease_config(&self) -> crate::lease::LeaseConfig {
+        crate::lease::LeaseConfig {
+            units: self.lease_units,
+            ttl_ms: self.lease_ttl_ms,
+            idle_ms: self.lease_idle_ms,
+            max_leases: self.max_leases,
+        }
     }
 }
 
@@ -292,6 +323,18 @@ fn default_settle_tick_ms() -> u64 {
 fn default_outbox_capacity() -> usize {
     DEFAULT_OUTBOX_CAPACITY
 }
+fn default_lease_units() -> u64 {
+    DEFAULT_LEASE_UNITS
+}
+fn default_lease_ttl_ms() -> u64 {
+    DEFAULT_LEASE_TTL_MS
+}
+fn default_lease_idle_ms() -> u64 {
+    DEFAULT_LEASE_IDLE_MS
+}
+fn default_max_leases() -> usize {
+    DEFAULT_MAX_LEASES
+}
 
 #[cfg(test)]
 mod tests {
@@ -331,6 +374,7 @@ mod tests {
         assert_eq!(config.api_key_header, None);
         assert_eq!(config.user_id_header.as_deref(), Some("x-user-id"));
         assert!(config.settle_retry_initial_ms <= config.settle_retry_max_ms);
+        assert!(config.lease_config().enabled(), "leases are on by default");
     }
 
     #[test]
@@ -343,7 +387,8 @@ mod tests {
             "max_event_bytes": 4096,
             "max_response_json_bytes": 8192, "settle_batch_max": 7,
             "settle_retry_initial_ms": 10, "settle_retry_max_ms": 20, "settle_tick_ms": 50,
-            "outbox_capacity": 3,
+            "outbox_capacity": 3, "lease_units": 0, "lease_ttl_ms": 500, "lease_idle_ms": 20,
+            "max_leases": 9,
         });
         let config = parse(&value).unwrap();
         assert_eq!(config.failure_mode, FailureMode::FailOpen);
@@ -360,6 +405,12 @@ mod tests {
                 config.settle_tick_ms
             ),
             (7, 3, 50)
+        );
+        let lease = config.lease_config();
+        assert!(!lease.enabled());
+        assert_eq!(
+            (lease.ttl_ms, lease.idle_ms, lease.max_leases),
+            (500, 20, 9)
         );
     }
 
@@ -387,6 +438,10 @@ mod tests {
             ("timeout_ms", json!("fast")),
             ("timeout_ms", json!(0)),
             ("timeout_ms", json!(-1)),
+            ("lease_ttl_ms", json!(0)),
+            ("lease_idle_ms", json!(1)),
+            ("max_leases", json!(0)),
+            ("lease_units", json!(-5)),
             ("failure_mode", json!("fail_sometimes")),
             ("format", json!("cohere")),
             ("shared_secret", json!("")),

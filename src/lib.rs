@@ -10,6 +10,7 @@
 //! - `estimate`: token estimation when a provider reports no usage.
 //! - `meter`: one response's metering (feeds bytes, reports usage at any point).
 //! - `errors`: error bodies in each provider's own shape.
+//! - `lease`: quota leases, so most calls are admitted without asking the sidecar.
 //! - `outbox`: settlements waiting to be delivered, with batching, retry and backoff.
 //! - `lifecycle`: the per-request state machine's decisions.
 //! - `host`: the thin layer that talks to the proxy-wasm host (wasm32 only).
@@ -18,6 +19,7 @@ pub mod config;
 pub mod errors;
 pub mod estimate;
 pub mod format;
+pub mod lease;
 pub mod lifecycle;
 pub mod meter;
 pub mod outbox;

@@ -4,8 +4,10 @@
 
 use crate::config::FailureMode;
 use crate::errors::{Rejection, CODE_DENIED, CODE_METERING_UNAVAILABLE};
+use crate::lease::Ticket;
 use llm_meter_protocol::{
-    AuthorizeResponse, Caller, Decision, Finalize, Outcome, SettleRequest, Usage, VoidRequest,
+    AuthorizeResponse, Caller, Decision, Finalize, Lease, Outcome, SettleRequest, Usage,
+    VoidRequest,
 };
 
 /// How the sidecar answered an authorize call.
@@ -67,8 +69,15 @@ fn problem_summary(body: &[u8]) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
     /// Forward; the sidecar holds quota for it. `resolved_user` is the ledger user the
-    /// caller resolved to, when the sidecar said.
-    Allow { resolved_user: Option<String> },
+    /// caller resolved to, when the sidecar said. `lease` is the lease granted with the
+    /// call, of which the call holds `held`.
+    Allow {
+        resolved_user: Option<String>,
+        lease: Option<Lease>,
+        held: u64,
+    },
+    /// Forward; admitted by the filter under a lease of the caller (no sidecar call).
+    Leased(Ticket),
     /// Forward without a hold (fail-open); settle later with `authorized = false`.
     FailOpen { reason: String },
     /// Answer with the sidecar's denial.
@@ -84,6 +93,8 @@ pub fn admission(outcome: AuthorizeOutcome, mode: FailureMode) -> Admission {
     match outcome {
         AuthorizeOutcome::Allowed(response) => Admission::Allow {
             resolved_user: response.user_id.filter(|u| !u.is_empty()),
+            lease: response.lease,
+            held: response.held,
         },
         AuthorizeOutcome::Denied(rejection) => Admission::Deny(rejection),
         AuthorizeOutcome::Unavailable(reason) => match mode {
@@ -113,6 +124,8 @@ pub struct CallRecord {
     pub estimated_input_tokens: u64,
     /// False when forwarded under fail-open without a hold.
     pub authorized: bool,
+    /// Admitted under a lease rather than with a hold of its own.
+    pub lease: Option<Ticket>,
 }
 
 /// What the response meter saw (a host-independent copy of its report).
@@ -230,8 +243,8 @@ fn void(call: &CallRecord, reason: String, upstream_status: u16) -> Option<Final
             request_id: call.request_id.clone(),
             reason,
             upstream_status,
-            lease_id: None,
-            held: 0,
+            lease_id: call.lease.as_ref().map(|t| t.lease_id.clone()),
+            held: call.lease.as_ref().map_or(0, |t| t.held),
         })
     })
 }
@@ -259,8 +272,8 @@ fn settle(
         authorized: call.authorized,
         upstream_status,
         ended_at_ms: Some(now_ms),
-        lease_id: None,
-        held: 0,
+        lease_id: call.lease.as_ref().map(|t| t.lease_id.clone()),
+        held: call.lease.as_ref().map_or(0, |t| t.held),
     }
 }
 
@@ -279,6 +292,19 @@ mod tests {
             model: "gpt-4o".into(),
             estimated_input_tokens: 40,
             authorized,
+            lease: None,
+        }
+    }
+
+    fn leased_call() -> CallRecord {
+        CallRecord {
+            resolved_user: Some("alice".into()),
+            lease: Some(Ticket {
+                lease_id: "lease:r0".into(),
+                held: 4_140,
+                user_id: "alice".into(),
+            }),
+            ..call(true)
         }
     }
 
@@ -316,9 +342,66 @@ mod tests {
         assert_eq!(
             admission(outcome, FailureMode::FailClosed),
             Admission::Allow {
-                resolved_user: Some("alice".into())
+                resolved_user: Some("alice".into()),
+                lease: None,
+                held: 100,
             }
         );
+    }
+
+    #[test]
+    fn a_granted_lease_comes_with_the_admission() {
+        let body = json!({"request_id": "r1", "decision": "allow", "user_id": "alice",
+            "quota_type": "text_token", "held": 100, "priced": true,
+            "lease": {"lease_id": "lease:r1", "units": 5000, "expires_at_ms": 99,
+                      "measure": "total_tokens", "default_max_output_tokens": 4096}});
+        let outcome = read_authorize_reply(Some(200), body.to_string().as_bytes(), "r1");
+        let Admission::Allow { lease, held, .. } = admission(outcome, FailureMode::FailClosed)
+        else {
+            panic!("allowed");
+        };
+        assert_eq!(held, 100);
+        let lease = lease.expect("lease");
+        assert_eq!((lease.lease_id.as_str(), lease.units), ("lease:r1", 5000));
+    }
+
+    #[test]
+    fn calls_under_a_lease_settle_and_void_naming_it() {
+        let settle = settled(finalize(
+            &leased_call(),
+            Some(200),
+            false,
+            &reported(40, 60),
+            Ending::Complete,
+            7,
+        ));
+        assert_eq!(settle.lease_id.as_deref(), Some("lease:r0"));
+        assert_eq!(settle.held, 4_140);
+        assert_eq!(settle.caller, Caller::UserId("alice".into()));
+        let void = finalize(
+            &leased_call(),
+            Some(503),
+            false,
+            &ObservedResponse::default(),
+            Ending::Complete,
+            7,
+        );
+        let Some(Finalize::Void(void)) = void else {
+            panic!("expected a void, got {void:?}");
+        };
+        assert_eq!(
+            (void.lease_id.as_deref(), void.held),
+            (Some("lease:r0"), 4_140)
+        );
+        let unleased = settled(finalize(
+            &call(true),
+            Some(200),
+            false,
+            &reported(1, 1),
+            Ending::Complete,
+            7,
+        ));
+        assert_eq!((unleased.lease_id, unleased.held), (None, 0));
     }
 
     #[test]

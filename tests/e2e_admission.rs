@@ -127,7 +127,7 @@ async fn bad_requests_get_clear_errors_and_never_reach_the_upstream() {
         0,
         "nothing may be forwarded unmetered"
     );
-    let quota = stack.admin.quota("alice", "text_token").await;
+    let quota = stack.admin.quota_released("alice", "text_token").await;
     assert_eq!(num(&quota, "held"), 0, "{quota}");
 }
 
@@ -213,7 +213,7 @@ async fn concurrent_streams_never_overdraw_and_all_settle() {
         "every admitted call settles exactly once"
     );
     let used: i64 = records.iter().map(|r| num(r, "units")).sum();
-    let quota = stack.admin.quota("dave", "text_token").await;
+    let quota = stack.admin.quota_released("dave", "text_token").await;
     assert_eq!(num(&quota, "held"), 0, "no hold is left over: {quota}");
     assert_eq!(num(&quota, "used"), used, "{quota}");
     assert!(used <= quota_units, "used {used} > granted {quota_units}");

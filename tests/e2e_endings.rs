@@ -32,7 +32,7 @@ async fn started(label: &str, user: &str) -> Stack {
 }
 
 async fn assert_nothing_held(stack: &Stack, user: &str) -> Value {
-    let quota = stack.admin.quota(user, "text_token").await;
+    let quota = stack.admin.quota_released(user, "text_token").await;
     assert_eq!(num(&quota, "held"), 0, "no hold may be left: {quota}");
     quota
 }

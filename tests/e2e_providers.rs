@@ -296,7 +296,7 @@ async fn run_matrix(stack: &Stack, scenarios: &[Scenario], label: &str) {
             "{context}"
         );
 
-        let quota = stack.admin.quota(&user, "text_token").await;
+        let quota = stack.admin.quota_released(&user, "text_token").await;
         assert_eq!(
             num(&quota, "used"),
             scenario.input + scenario.output,

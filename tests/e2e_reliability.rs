@@ -827,7 +827,7 @@ async fn hostile_requests_get_clear_errors_and_hold_nothing() {
     }
 
     assert_eq!(stack.upstream.request_count(), 0, "nothing forwarded");
-    let quota = stack.admin.quota("zoe", "text_token").await;
+    let quota = stack.admin.quota_released("zoe", "text_token").await;
     assert_eq!(num(&quota, "held"), 0, "{quota}");
     assert_eq!(num(&quota, "used"), 0, "{quota}");
     // Still serving.

@@ -489,7 +489,7 @@ async fn reconcile(
     let mut debt_users = 0;
     for i in 0..config.users {
         let user = format!("soak-{i:04}");
-        let quota = stack.admin.quota(&user, "text_token").await;
+        let quota = stack.admin.quota_released(&user, "text_token").await;
         let sum = sums.remove(&user).unwrap_or_default();
         assert_eq!(num(&quota, "held"), 0, "{user}: {quota}");
         assert_eq!(

@@ -23,8 +23,9 @@ pub enum Variant {
     EmptyWasm,
     /// A proxy-wasm filter that makes one HTTP callout per request and waits for it.
     CalloutWasm,
-    /// The metering filter, talking to a sidecar.
-    Metering { sidecar_port: u16 },
+    /// The metering filter, talking to a sidecar; `leases: false` authorizes every call
+    /// with the sidecar (`lease_units: 0`), for comparison with the default.
+    Metering { sidecar_port: u16, leases: bool },
 }
 
 impl Variant {
@@ -33,10 +34,14 @@ impl Variant {
             Variant::Plain => "plain Envoy",
             Variant::EmptyWasm => "empty wasm filter",
             Variant::CalloutWasm => "wasm filter + 1 callout",
-            Variant::Metering { .. } => "metering filter + sidecar",
+            Variant::Metering { leases: true, .. } => METERING_LABEL,
+            Variant::Metering { leases: false, .. } => "metering, no leases (per-call authorize)",
         }
     }
 }
+
+/// The metering filter with its default configuration (leases on).
+pub const METERING_LABEL: &str = "metering filter + sidecar";
 
 /// Built modules.
 pub fn metering_wasm() -> PathBuf {
@@ -109,8 +114,11 @@ fn render(variant: Variant, port: u16, admin_port: u16, upstream_port: u16) -> S
             wasm_filter_yaml("bench_callout", &baseline_wasm(), "callout:bench_callout"),
             cluster_yaml("bench_callout", upstream_port),
         ),
-        Variant::Metering { sidecar_port } => {
-            let config = serde_json::json!({
+        Variant::Metering {
+            sidecar_port,
+            leases,
+        } => {
+            let mut config = serde_json::json!({
                 "sidecar_cluster": "llm_meter_sidecar",
                 "shared_secret": SHARED_SECRET,
                 "timeout_ms": 2000,
@@ -118,6 +126,9 @@ fn render(variant: Variant, port: u16, admin_port: u16, upstream_port: u16) -> S
                 "user_id_header": USER_HEADER,
                 "provider": "openai",
             });
+            if !leases {
+                config["lease_units"] = 0.into();
+            }
             (
                 wasm_filter_yaml("llm_meter", &metering_wasm(), &config.to_string()),
                 cluster_yaml("llm_meter_sidecar", sidecar_port),
@@ -197,7 +208,15 @@ mod tests {
     #[test]
     fn only_the_filter_chain_differs_between_variants() {
         let plain = render(Variant::Plain, 1, 2, 3);
-        let metering = render(Variant::Metering { sidecar_port: 4 }, 1, 2, 3);
+        let metering = render(
+            Variant::Metering {
+                sidecar_port: 4,
+                leases: true,
+            },
+            1,
+            2,
+            3,
+        );
         assert!(!plain.contains("envoy.filters.http.wasm"));
         assert!(metering.contains("llm_meter_filter.wasm"));
         assert!(metering.contains("port_value: 4"));

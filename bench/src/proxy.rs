@@ -141,8 +141,14 @@ pub async fn run(plan: &ProxyPlan) -> Result<ProxySection> {
             Err(e) => failures.push(format!("{}: {e:#}", variant.label())),
         }
     }
-    for &backend in &plan.backends {
-        match start_metering_stand(plan, &upstream, backend).await {
+    // Every backend with the default configuration, and the first one (SQLite) once more
+    // with leases off, to show what admission by lease is worth.
+    let mut metering: Vec<(Backend, bool)> = plan.backends.iter().map(|&b| (b, true)).collect();
+    if let Some(&first) = plan.backends.first() {
+        metering.push((first, false));
+    }
+    for (backend, leases) in metering {
+        match start_metering_stand(plan, &upstream, backend, leases).await {
             Ok(stand) => stands.push(stand),
             Err(e) => failures.push(format!("metering on {}: {e:#}", backend.label())),
         }
@@ -299,7 +305,9 @@ fn profile_stands(plan: &ProxyPlan, stands: &[Stand]) -> Vec<Profile> {
         }];
     }
     let mut profiles = Vec::new();
-    let metering = stands.iter().find(|s| s.sidecar.is_some());
+    let metering = stands
+        .iter()
+        .find(|s| s.sidecar.is_some() && s.label == crate::envoy::METERING_LABEL);
     let plain = stands
         .iter()
         .find(|s| s.backend.is_none() && s.label == Variant::Plain.label());
@@ -416,6 +424,7 @@ async fn start_metering_stand(
     plan: &ProxyPlan,
     upstream: &Upstream,
     backend: Backend,
+    leases: bool,
 ) -> Result<Stand> {
     let dir = scratch_dir("proxy-meter")?;
     let database = BenchDb::create(backend, &dir, "proxy").await?;
@@ -430,6 +439,7 @@ async fn start_metering_stand(
             &dir,
             Variant::Metering {
                 sidecar_port: sidecar.port,
+                leases,
             },
             upstream.port(),
         )?;
@@ -440,7 +450,12 @@ async fn start_metering_stand(
     .await;
     match started {
         Ok((sidecar, envoy)) => Ok(Stand {
-            label: Variant::Metering { sidecar_port: 0 }.label().to_string(),
+            label: Variant::Metering {
+                sidecar_port: 0,
+                leases,
+            }
+            .label()
+            .to_string(),
             backend: Some(backend),
             envoy,
             sidecar: Some(sidecar),

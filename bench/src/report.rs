@@ -184,7 +184,10 @@ fn plain(proxy: &ProxySection) -> Option<&StandRun> {
 }
 
 fn metering<'a>(proxy: &'a ProxySection, backend: &str) -> Option<&'a StandRun> {
-    proxy.runs.iter().find(|r| r.backend == Some(backend))
+    proxy
+        .runs
+        .iter()
+        .find(|r| r.backend == Some(backend) && r.label == crate::envoy::METERING_LABEL)
 }
 
 /// Added latency (µs) of `run` over plain Envoy in the open loop: p50, p99, p99.9.
@@ -491,7 +494,8 @@ fn render_proxy(out: &mut String, results: &Results) {
             .collect();
         let _ = writeln!(
             out,
-            "Filter counters after the {} run: {}. Envoy RSS {} MiB, sidecar RSS {} MiB.\n",
+            "Filter counters after the {} ({}) run: {}. Envoy RSS {} MiB, sidecar RSS {} MiB.\n",
+            run.label,
             run.backend.unwrap_or("?"),
             stats.join(", "),
             run.envoy_rss_bytes.map_or(0, |b| b / 1024 / 1024),

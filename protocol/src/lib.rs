@@ -24,7 +24,7 @@ pub const PATH_FINALIZE_BATCH: &str = "/internal/v1/finalize";
 
 /// Who is calling. The filter learns it from a header set by an earlier authn filter or
 /// the mesh (`UserId`), or from the caller's own API key, which the sidecar resolves.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum Caller {
     UserId(String),

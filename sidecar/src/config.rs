@@ -105,6 +105,15 @@ pub struct SettingsArgs {
         global = true
     )]
     pub hold_ttl_secs: u64,
+    /// Longest time, in seconds, the filter may admit calls under one lease (its ask is
+    /// capped to this).
+    #[arg(
+        long,
+        env = "METER_MAX_LEASE_TTL_SECS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub max_lease_ttl_secs: u64,
     /// What to do with calls to models without an active price.
     #[arg(
         long,
@@ -226,6 +235,7 @@ impl SettingsArgs {
             self.admin_token_file.as_deref(),
         )?;
         positive("METER_HOLD_TTL_SECS", self.hold_ttl_secs)?;
+        positive("METER_MAX_LEASE_TTL_SECS", self.max_lease_ttl_secs)?;
         positive("METER_SWEEP_INTERVAL_SECS", self.sweep_interval_secs)?;
         positive(
             "METER_DEFAULT_MAX_OUTPUT_TOKENS",
@@ -255,6 +265,7 @@ impl SettingsArgs {
                 UnpricedPolicy::Deny => ledger::UnpricedPolicy::Deny,
             },
             timezone: self.timezone,
+            max_lease_ttl: Duration::from_secs(self.max_lease_ttl_secs.max(1)),
             ..LedgerConfig::default()
         }
     }
@@ -310,6 +321,7 @@ mod tests {
         assert!(settings.listen.ip().is_loopback());
         assert_eq!(settings.timezone, chrono_tz::Asia::Shanghai);
         assert_eq!(settings.ledger.hold_ttl, Duration::from_secs(600));
+        assert_eq!(settings.ledger.max_lease_ttl, Duration::from_secs(60));
         assert_eq!(
             settings.ledger.unpriced_policy,
             ledger::UnpricedPolicy::Allow
@@ -382,6 +394,29 @@ mod tests {
             "{printed}"
         );
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn lease_ttl_is_configurable_and_positive() {
+        let cli = parse(&["--shared-secret", "s", "--admin-token", "a"]);
+        let mut settings = cli.settings;
+        settings.max_lease_ttl_secs = 5;
+        assert_eq!(
+            settings.serve_settings().unwrap().ledger.max_lease_ttl,
+            Duration::from_secs(5)
+        );
+        settings.max_lease_ttl_secs = 0;
+        assert_eq!(
+            settings.serve_settings().unwrap_err(),
+            ConfigError::NotPositive {
+                name: "METER_MAX_LEASE_TTL_SECS"
+            }
+        );
+        let flag = parse(&["--max-lease-ttl-secs", "7"]);
+        assert_eq!(
+            flag.settings.ledger_config().max_lease_ttl,
+            Duration::from_secs(7)
+        );
     }
 
     #[test]

@@ -63,6 +63,7 @@ pub struct Metrics {
     latency: Mutex<BTreeMap<String, Histogram>>,
     authorize: Counter,
     settlements: Counter,
+    leases: Counter,
     jobs: Counter,
 }
 
@@ -98,6 +99,11 @@ impl Metrics {
         self.settlements.inc(vec![("status", status.to_string())]);
     }
 
+    /// One lease event: `granted` (an authorize answered with a lease) or `released`.
+    pub fn observe_lease(&self, event: &str) {
+        self.leases.inc(vec![("event", event.to_string())]);
+    }
+
     /// One run of a background job, `result` ok|error.
     pub fn observe_job(&self, job: &str, result: &str) {
         self.jobs.inc(vec![
@@ -124,6 +130,11 @@ impl Metrics {
             &mut out,
             "meter_settlements_total",
             "Settlement and void outcomes, by status.",
+        );
+        self.leases.render(
+            &mut out,
+            "meter_leases_total",
+            "Leases granted and released, by event.",
         );
         self.jobs.render(
             &mut out,
@@ -206,6 +217,7 @@ mod tests {
         );
         metrics.observe_authorize("deny", "quota_exhausted");
         metrics.observe_settlement("settled");
+        metrics.observe_lease("granted");
         let text = metrics.render();
         assert!(text.contains(
             "meter_http_requests_total{route=\"/internal/v1/authorize\",method=\"POST\",status=\"200\"} 2"
@@ -223,6 +235,7 @@ mod tests {
             text.contains("meter_authorize_total{decision=\"deny\",code=\"quota_exhausted\"} 1")
         );
         assert!(text.contains("meter_settlements_total{status=\"settled\"} 1"));
+        assert!(text.contains("meter_leases_total{event=\"granted\"} 1"));
         assert!(text.contains("# TYPE meter_http_request_duration_seconds histogram"));
     }
 

@@ -5,12 +5,13 @@ use super::root::Shared;
 use super::unix_ms;
 use crate::errors::{Rejection, CODE_MISSING_IDENTITY};
 use crate::format::ProviderFormat;
+use crate::lease::CallSize;
 use crate::lifecycle::{self, Admission, CallRecord, Ending, ObservedResponse};
 use crate::meter::{MeterLimits, ResponseMeter};
 use crate::request::{self, MeteredRequest, RequestError, RequestHints};
 use crate::strip::InjectedUsageStripper;
 use llm_meter_protocol::{
-    AuthorizeRequest, Caller, Finalize, VoidRequest, HEADER_SECRET, PATH_AUTHORIZE,
+    AuthorizeRequest, Caller, Finalize, LeaseAsk, VoidRequest, HEADER_SECRET, PATH_AUTHORIZE,
 };
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -132,16 +133,6 @@ impl MeterHttp {
         }
         shared.metrics.requests_metered.inc();
         let request = parsed.request;
-        let message = AuthorizeRequest {
-            request_id: pending.request_id.clone(),
-            caller: pending.caller.clone(),
-            provider: config.provider.clone(),
-            model: request.model.clone(),
-            estimated_input_tokens: request.estimated_input_tokens,
-            max_output_tokens: request.max_output_tokens,
-            requested_images: request.requested_images,
-            stream: request.stream,
-        };
         if shared.settlements_backlogged() {
             // Settlements are not being delivered fast enough: admitting more calls now
             // would eventually overflow the outbox and lose what they owe.
@@ -151,6 +142,30 @@ impl MeterHttp {
             let admission = lifecycle::admission(outcome, config.failure_mode);
             return self.admit(shared, pending, request, admission, false);
         }
+        let size = CallSize {
+            estimated_input_tokens: request.estimated_input_tokens,
+            max_output_tokens: request.max_output_tokens,
+            requested_images: request.requested_images,
+        };
+        let now = self.now_ms();
+        if let Some(ticket) = shared.admit_from_lease(&pending.caller, &request.model, &size, now) {
+            return self.admit(shared, pending, request, Admission::Leased(ticket), false);
+        }
+        let lease = shared.wants_lease().then_some(LeaseAsk {
+            units: config.lease_units,
+            ttl_ms: config.lease_ttl_ms,
+        });
+        let message = AuthorizeRequest {
+            request_id: pending.request_id.clone(),
+            caller: pending.caller.clone(),
+            provider: config.provider.clone(),
+            model: request.model.clone(),
+            estimated_input_tokens: request.estimated_input_tokens,
+            max_output_tokens: request.max_output_tokens,
+            requested_images: request.requested_images,
+            stream: request.stream,
+            lease,
+        };
         let dispatched = serde_json::to_vec(&message)
             .map_err(|e| format!("cannot serialise: {e}"))
             .and_then(|body| {
@@ -194,10 +209,24 @@ impl MeterHttp {
         paused: bool,
     ) -> Action {
         let metrics = &shared.metrics;
-        let (authorized, resolved_user) = match admission {
-            Admission::Allow { resolved_user } => {
+        let (authorized, resolved_user, lease) = match admission {
+            Admission::Allow {
+                resolved_user,
+                lease,
+                held,
+            } => {
                 metrics.allowed.inc();
-                (true, resolved_user)
+                let ticket = lease.and_then(|lease| {
+                    let user = resolved_user.as_deref().unwrap_or_default();
+                    let now = self.now_ms();
+                    shared.lease_granted(&pending.caller, &request.model, user, &lease, held, now)
+                });
+                (true, resolved_user, ticket)
+            }
+            Admission::Leased(ticket) => {
+                metrics.allowed.inc();
+                let user = Some(ticket.user_id.clone()).filter(|u| !u.is_empty());
+                (true, user, Some(ticket))
             }
             Admission::FailOpen { reason } => {
                 metrics.failed_open.inc();
@@ -205,7 +234,7 @@ impl MeterHttp {
                     "llm-meter: {} forwarded unmetered-for-now (fail-open): sidecar {reason}",
                     pending.request_id
                 );
-                (false, None)
+                (false, None, None)
             }
             Admission::Deny(rejection) => {
                 metrics.denied.inc();
@@ -236,6 +265,7 @@ impl MeterHttp {
             model: request.model,
             estimated_input_tokens: request.estimated_input_tokens,
             authorized,
+            lease,
         };
         self.phase = Phase::Forwarded(Box::new(Forwarded {
             format: pending.format,
@@ -280,8 +310,14 @@ impl MeterHttp {
                 );
                 if let Some(item) = item {
                     count_finalize(&shared, &item);
-                    log::debug!("llm-meter: finalize {item:?}");
+                    let usage = match &item {
+                        Finalize::Settle(settle) => Some(settle.usage),
+                        _ => None,
+                    };
                     shared.enqueue(item, now);
+                    if let Some(ticket) = &call.record.lease {
+                        shared.lease_call_ended(ticket, usage.as_ref(), now);
+                    }
                 }
             }
             Phase::Authorizing(pending, _) => {
@@ -291,6 +327,10 @@ impl MeterHttp {
                         request_id: pending.request_id,
                         reason: "client left before the call was forwarded".into(),
                         upstream_status: 0,
+                        // Had the answer granted a lease, the sidecar releases it with
+                        // this void: the filter never admitted a call under it.
+                        lease_id: None,
+                        held: 0,
                     }),
                     now,
                 );
@@ -330,6 +370,7 @@ fn count_finalize(shared: &Shared, item: &Finalize) {
             }
         }
         Finalize::Void(_) => metrics.voided.inc(),
+        Finalize::Release(_) => {}
     }
 }
 

@@ -57,6 +57,11 @@ pub struct Metrics {
     pub outbox_dropped: Counter,
     /// Injected usage-only chunks removed from what clients receive.
     pub usage_chunks_stripped: Counter,
+    /// Calls admitted under a lease, without asking the sidecar.
+    pub lease_admissions: Counter,
+    pub leases_granted: Counter,
+    /// Releases of leases queued for delivery.
+    pub leases_released: Counter,
 }
 
 impl Metrics {
@@ -78,6 +83,9 @@ impl Metrics {
             settlement_rejected: Counter::define("settlement_rejected"),
             outbox_dropped: Counter::define("outbox_dropped"),
             usage_chunks_stripped: Counter::define("usage_chunks_stripped"),
+            lease_admissions: Counter::define("lease_admissions"),
+            leases_granted: Counter::define("leases_granted"),
+            leases_released: Counter::define("leases_released"),
         }
     }
 }

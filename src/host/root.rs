@@ -4,9 +4,11 @@ use super::http::MeterHttp;
 use super::metrics::Metrics;
 use super::unix_ms;
 use crate::config::Config;
+use crate::lease::{CallSize, LeaseBook, Ticket};
 use crate::outbox::{Batch, Outbox, OutboxConfig, PushResult};
 use llm_meter_protocol::{
-    Finalize, FinalizeBatchRequest, FinalizeBatchResponse, HEADER_SECRET, PATH_FINALIZE_BATCH,
+    Caller, Finalize, FinalizeBatchRequest, FinalizeBatchResponse, Lease, ReleaseRequest, Usage,
+    HEADER_SECRET, PATH_FINALIZE_BATCH,
 };
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -20,6 +22,7 @@ pub struct Shared {
     pub config: Config,
     pub metrics: Metrics,
     outbox: RefCell<Outbox>,
+    leases: RefCell<LeaseBook>,
 }
 
 impl Shared {
@@ -29,6 +32,80 @@ impl Shared {
             .try_borrow()
             .map(|outbox| outbox.is_backlogged())
             .unwrap_or(false)
+    }
+
+    /// Settlements still to deliver, plus leases whose calls are still in flight (each
+    /// will yield a settlement and a release).
+    fn pending_work(&self) -> usize {
+        let queued = self.outbox.try_borrow().map_or(1, |outbox| outbox.len());
+        let leases = self.leases.try_borrow().map_or(1, |book| book.len());
+        queued + leases
+    }
+
+    /// Whether an authorization should ask for a lease.
+    pub fn wants_lease(&self) -> bool {
+        self.leases
+            .try_borrow()
+            .map(|book| book.wants_lease())
+            .unwrap_or(false)
+    }
+
+    /// Admit a call under a lease of its caller and model, if one has room.
+    pub fn admit_from_lease(
+        &self,
+        caller: &Caller,
+        model: &str,
+        size: &CallSize,
+        now_ms: u64,
+    ) -> Option<Ticket> {
+        let mut book = self.leases.try_borrow_mut().ok()?;
+        let ticket = book.admit(caller, model, size, now_ms)?;
+        self.metrics.lease_admissions.inc();
+        Some(ticket)
+    }
+
+    /// Record a lease granted with the authorization of a call that holds `held` of it.
+    pub fn lease_granted(
+        &self,
+        caller: &Caller,
+        model: &str,
+        user_id: &str,
+        lease: &Lease,
+        held: u64,
+        now_ms: u64,
+    ) -> Option<Ticket> {
+        let mut book = self.leases.try_borrow_mut().ok()?;
+        self.metrics.leases_granted.inc();
+        Some(book.granted(caller, model, user_id, lease, held, now_ms))
+    }
+
+    /// A call admitted under a lease ended; releases the lease if that spent it.
+    pub fn lease_call_ended(&self, ticket: &Ticket, usage: Option<&Usage>, now_ms: u64) {
+        let spent = match self.leases.try_borrow_mut() {
+            Ok(mut book) => book.finish(ticket, usage, now_ms),
+            Err(_) => false,
+        };
+        if spent {
+            self.release_lease(ticket.lease_id.clone(), now_ms);
+        }
+    }
+
+    /// Release every lease that is idle, expired, retired or empty.
+    fn release_spent_leases(&self, now_ms: u64) {
+        let spent = match self.leases.try_borrow_mut() {
+            Ok(mut book) => book.take_spent(now_ms),
+            Err(_) => Vec::new(),
+        };
+        for lease_id in spent {
+            self.release_lease(lease_id, now_ms);
+        }
+    }
+
+    /// Queue the release of a lease's remaining units. The outbox keeps order, so the
+    /// settlements of its calls reach the sidecar first.
+    pub fn release_lease(&self, lease_id: String, now_ms: u64) {
+        self.metrics.leases_released.inc();
+        self.enqueue(Finalize::Release(ReleaseRequest { lease_id }), now_ms);
     }
 
     /// Queue a settlement or void for delivery by the root context.
@@ -192,7 +269,7 @@ impl MeterRoot {
         let Some(deadline) = self.draining_until else {
             return false;
         };
-        let left = shared.outbox.try_borrow().map_or(1, |outbox| outbox.len());
+        let left = shared.pending_work();
         if left > 0 && self.now_ms() < deadline {
             return false;
         }
@@ -240,7 +317,15 @@ impl Context for MeterRoot {
         let Some(shared) = self.shared.clone() else {
             return true;
         };
-        let left = shared.outbox.try_borrow().map_or(0, |outbox| outbox.len());
+        let now = self.now_ms();
+        let drained = match shared.leases.try_borrow_mut() {
+            Ok(mut book) => book.retire_all(now),
+            Err(_) => Vec::new(),
+        };
+        for lease_id in drained {
+            shared.release_lease(lease_id, now);
+        }
+        let left = shared.pending_work();
         if left == 0 {
             return true;
         }
@@ -268,13 +353,16 @@ impl RootContext for MeterRoot {
             capacity: config.outbox_capacity,
             in_flight_deadline_ms: config.timeout_ms.saturating_mul(2).saturating_add(1000),
         };
-        // A reconfiguration keeps what is still waiting to be delivered.
-        let outbox = match self.shared.take() {
-            Some(previous) => match Rc::try_unwrap(previous) {
-                Ok(previous) => previous.outbox.into_inner(),
-                Err(_) => Outbox::new(outbox_config),
-            },
-            None => Outbox::new(outbox_config),
+        // A reconfiguration keeps what is still waiting to be delivered, and the leases
+        // calls in flight were admitted under.
+        let lease_config = config.lease_config();
+        let (outbox, leases) = match self.shared.take().map(Rc::try_unwrap) {
+            Some(Ok(previous)) => {
+                let mut leases = previous.leases.into_inner();
+                leases.reconfigure(lease_config);
+                (previous.outbox.into_inner(), leases)
+            }
+            _ => (Outbox::new(outbox_config), LeaseBook::new(lease_config)),
         };
         self.set_tick_period(Duration::from_millis(config.settle_tick_ms));
         log::info!(
@@ -289,6 +377,7 @@ impl RootContext for MeterRoot {
             config,
             metrics: Metrics::define(),
             outbox: RefCell::new(outbox),
+            leases: RefCell::new(leases),
         }));
         true
     }
@@ -307,6 +396,7 @@ impl RootContext for MeterRoot {
             shared.metrics.settlement_retries.add(expired);
             self.in_flight = None;
         }
+        shared.release_spent_leases(now);
         if self.check_drained(&shared) {
             return;
         }

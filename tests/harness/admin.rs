@@ -76,6 +76,20 @@ impl Admin {
         find_quota(&value, quota_type).unwrap_or(Value::Null)
     }
 
+    /// The quota view once nothing is held any more: calls admitted under a lease leave
+    /// the lease's remainder held until the filter releases it (when idle), so a test that
+    /// checks what is left waits for that release (up to 20 s) instead of racing it.
+    pub async fn quota_released(&self, user: &str, quota_type: &str) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let quota = self.quota(user, quota_type).await;
+            if num(&quota, "held") == 0 || std::time::Instant::now() >= deadline {
+                return quota;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Usage records of one user (first page, newest first).
     pub async fn usage_of(&self, user: &str) -> Vec<Value> {
         let (status, value) = self

@@ -181,6 +181,11 @@ pub struct FilterOptions {
     pub api_key_header: Option<&'static str>,
     /// Cap of the outbox's retry backoff, so fault tests don't wait long.
     pub settle_retry_max_ms: u64,
+    /// Lease settings; `None` keeps the filter's defaults (`lease_units: Some(0)` turns
+    /// leases off, so every call is authorized on its own).
+    pub lease_units: Option<u64>,
+    pub lease_ttl_ms: Option<u64>,
+    pub lease_idle_ms: Option<u64>,
 }
 
 impl Default for FilterOptions {
@@ -193,6 +198,10 @@ impl Default for FilterOptions {
             user_id_header: Some("x-user-id"),
             api_key_header: None,
             settle_retry_max_ms: 1000,
+            lease_units: None,
+            lease_ttl_ms: None,
+            // Idle leases are released quickly so tests see the balance settle soon.
+            lease_idle_ms: Some(300),
         }
     }
 }
@@ -214,6 +223,16 @@ impl FilterOptions {
         }
         if let Some(header) = self.api_key_header {
             config["api_key_header"] = header.into();
+        }
+        let leases = [
+            ("lease_units", self.lease_units),
+            ("lease_ttl_ms", self.lease_ttl_ms),
+            ("lease_idle_ms", self.lease_idle_ms),
+        ];
+        for (field, value) in leases {
+            if let Some(value) = value {
+                config[field] = value.into();
+            }
         }
         config.to_string()
     }

@@ -46,6 +46,9 @@ pub async fn authorize(
     check_request_id(&request.request_id)?;
     let ledger = state.ledger.clone();
     let response = run_to_completion(async move { ledger.authorize(&request).await }).await?;
+    if response.lease.is_some() {
+        state.metrics.observe_lease("granted");
+    }
     match response.decision {
         Decision::Allow => state.metrics.observe_authorize("allow", ""),
         Decision::Deny => {
@@ -98,8 +101,9 @@ pub async fn void(
     Ok(Json(result?))
 }
 
-/// Apply many settlements and voids (the filter's outbox). Each item answers on its own:
-/// `ok`, `rejected` (permanent: never resend) or `retry` (transient).
+/// Apply many settlements, voids and lease releases (the filter's outbox). Each item
+/// answers on its own: `ok`, `rejected` (permanent: never resend) or `retry` (transient).
+/// A release of an unknown lease is rejected.
 #[utoipa::path(post, path = "/internal/v1/finalize", tag = "internal", security(("shared_secret" = [])),
     request_body = wire::FinalizeBatchRequest,
     responses(
@@ -122,6 +126,10 @@ pub async fn finalize(
         .map_err(ApiError::internal)?;
     for result in &results {
         let status = match result {
+            FinalizeResult::Ok(response) if response.status == SettleStatus::Released => {
+                state.metrics.observe_lease("released");
+                settle_status_label(response.status)
+            }
             FinalizeResult::Ok(response) => settle_status_label(response.status),
             FinalizeResult::Rejected { .. } => "rejected",
             FinalizeResult::Retry { .. } => "retry",

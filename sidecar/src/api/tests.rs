@@ -969,6 +969,110 @@ async fn finalize_batch_answers_each_item() {
     }
 }
 
+/// A lease through the internal API: granted with the authorization, the calls under it
+/// settled and voided in one outbox batch with the release, the remainder given back.
+#[tokio::test]
+async fn leases_over_the_internal_api() {
+    for app in apps().await {
+        app.seed_priced_model().await;
+        grant_text(&app, "lee", 1_000_000).await;
+        let (status, auth) = app
+            .internal(
+                llm_meter_protocol::PATH_AUTHORIZE,
+                json!({"request_id": "l-1", "caller": {"user_id": "lee"}, "provider": "openai",
+                    "model": "m1", "estimated_input_tokens": 10, "max_output_tokens": 10,
+                    "lease": {"units": 5000, "ttl_ms": 600000}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{auth}");
+        assert_eq!(
+            (auth["decision"].as_str(), auth["held"].as_u64()),
+            (Some("allow"), Some(20))
+        );
+        let lease = &auth["lease"];
+        assert_eq!(lease["lease_id"], "lease:l-1", "{auth}");
+        assert_eq!(lease["units"], 5000);
+        assert_eq!(lease["measure"], "total_tokens");
+        assert_eq!(lease["default_max_output_tokens"], 4096);
+        // The ask's 10 minutes are capped to the default 60 s.
+        let now = crate::storage::now_ms() as u64;
+        let expires = lease["expires_at_ms"].as_u64().unwrap();
+        assert!(expires > now + 50_000 && expires <= now + 60_000, "{auth}");
+        assert_eq!(text_quota(&quotas_of(&app, "lee").await)["held"], 5000);
+
+        let settle = |id: &str, output: u64| {
+            json!({"op": "settle", "request_id": id, "caller": {"user_id": "lee"},
+                "provider": "openai", "model": "m1", "outcome": "completed",
+                "usage": {"input_tokens": 10, "output_tokens": output},
+                "lease_id": "lease:l-1", "held": 20})
+        };
+        let batch = json!({"items": [
+            settle("l-1", 10),
+            settle("l-2", 30),
+            {"op": "void", "request_id": "l-3", "reason": "upstream 500", "upstream_status": 500,
+                "lease_id": "lease:l-1", "held": 20},
+            settle("l-1", 10),
+            {"op": "release", "lease_id": "lease:l-1"},
+            {"op": "release", "lease_id": "lease:l-1"},
+            {"op": "release", "lease_id": "lease:unknown"},
+            settle("l-4", 10)
+        ]});
+        let (status, body) = app
+            .internal(llm_meter_protocol::PATH_FINALIZE_BATCH, batch)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let results: Vec<(String, String)> = body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let status = r["status"].as_str().unwrap_or_default().to_string();
+                (r["result"].as_str().unwrap().to_string(), status)
+            })
+            .collect();
+        let expected = [
+            ("ok", "settled"),
+            ("ok", "settled"),
+            ("ok", "voided"),
+            ("ok", "already_settled"),
+            ("ok", "released"),
+            ("ok", "already_released"),
+            ("rejected", ""),
+            ("ok", "settled"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        assert_eq!(results, expected, "{body}");
+        assert_eq!(body["results"][0]["charged"], 20);
+        assert_eq!(body["results"][0]["cost"], "0.000080");
+        assert_eq!(body["results"][1]["charged"], 40);
+        assert_eq!(body["results"][6]["request_id"], "lease:unknown");
+        // l-4 arrived after the release: charged like a late settlement, nothing held.
+        let quota = text_quota(&quotas_of(&app, "lee").await).clone();
+        assert_eq!(
+            (quota["held"].as_u64(), quota["used"].as_u64()),
+            (Some(0), Some(80))
+        );
+        let (_, _, metrics) = app
+            .send(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await;
+        let text = metrics.as_str().unwrap();
+        assert!(
+            text.contains("meter_leases_total{event=\"granted\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meter_leases_total{event=\"released\"} 1"),
+            "{text}"
+        );
+        let report = app.ledger.reconcile().await.unwrap();
+        assert!(report.is_clean(), "{:?}", report.drifts);
+        app.finish().await;
+    }
+}
+
 #[tokio::test]
 async fn direct_consume_by_user_or_api_key() {
     for app in apps().await {

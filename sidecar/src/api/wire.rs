@@ -34,6 +34,44 @@ pub struct AuthorizeRequest {
     #[schema(default = false)]
     #[serde(default)]
     stream: bool,
+    /// Ask for a lease: hold more than this call needs so the filter can admit the caller's
+    /// next calls of the same model by itself.
+    lease: Option<LeaseAsk>,
+}
+
+/// What the filter asks of a lease.
+#[derive(ToSchema)]
+pub struct LeaseAsk {
+    /// Units wanted in all, this call's own hold included; the sidecar grants less when the
+    /// balance is low (never less than the call's own hold).
+    units: u64,
+    /// How long the filter may admit calls under the lease (capped by the sidecar).
+    ttl_ms: u64,
+}
+
+/// How the filter sizes a call's share of a lease (the quota type's measure).
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum HoldMeasure {
+    TotalTokens,
+    InputTokens,
+    OutputTokens,
+    Images,
+    Requests,
+}
+
+/// Units held for one caller and model, from which the filter admits calls by itself.
+#[derive(ToSchema)]
+pub struct Lease {
+    /// Key of the lease's hold (`lease:` + the authorizing request id, or its hash).
+    lease_id: String,
+    /// Units held in all, the authorizing call's own `held` included.
+    units: u64,
+    /// No call may be admitted under the lease after this instant (Unix ms).
+    expires_at_ms: u64,
+    measure: HoldMeasure,
+    /// The output cap assumed when a request names none.
+    default_max_output_tokens: u64,
 }
 
 #[derive(ToSchema)]
@@ -76,6 +114,8 @@ pub struct AuthorizeResponse {
     #[serde(default)]
     priced: bool,
     denial: Option<Denial>,
+    /// Granted when asked for and allowed (never for a money quota); `held` is part of it.
+    lease: Option<Lease>,
 }
 
 /// Normalised usage; the cached/cache-write subsets are part of `input_tokens`, reasoning of `output_tokens`.
@@ -126,6 +166,12 @@ pub struct SettleRequest {
     upstream_status: u16,
     /// When the call ended, Unix ms.
     ended_at_ms: Option<u64>,
+    /// The call was admitted by the filter under this lease.
+    #[schema(min_length = 1, max_length = 191)]
+    lease_id: Option<String>,
+    /// Units the filter set aside for the call from its lease.
+    #[serde(default)]
+    held: u64,
 }
 
 #[derive(ToSchema)]
@@ -136,6 +182,19 @@ pub struct VoidRequest {
     #[serde(default)]
     #[schema(maximum = 65535)]
     upstream_status: u16,
+    /// The call was admitted under this lease: nothing is released, the void is recorded.
+    #[schema(min_length = 1, max_length = 191)]
+    lease_id: Option<String>,
+    /// Units the filter had set aside for the call from its lease.
+    #[serde(default)]
+    held: u64,
+}
+
+/// Give back what is left of a lease.
+#[derive(ToSchema)]
+pub struct ReleaseRequest {
+    #[schema(min_length = 1, max_length = 191)]
+    lease_id: String,
 }
 
 #[derive(ToSchema)]
@@ -145,6 +204,8 @@ pub enum SettleStatus {
     AlreadySettled,
     Voided,
     AlreadyVoided,
+    Released,
+    AlreadyReleased,
 }
 
 #[derive(ToSchema)]
@@ -169,6 +230,7 @@ pub struct SettleResponse {
 pub enum Finalize {
     Settle(SettleRequest),
     Void(VoidRequest),
+    Release(ReleaseRequest),
 }
 
 #[derive(ToSchema)]
@@ -242,8 +304,8 @@ mod tests {
             authorized: true,
             upstream_status: 200,
             ended_at_ms: Some(1),
-            lease_id: None,
-            held: 0,
+            lease_id: Some("lease:r".into()),
+            held: 1,
         };
         let settled = wire::SettleResponse {
             request_id: "r".into(),
@@ -264,7 +326,20 @@ mod tests {
                 code: wire::DenyCode::NoQuota,
                 message: "m".into(),
             }),
-            lease: None,
+            lease: Some(wire::Lease {
+                lease_id: "lease:r".into(),
+                units: 1,
+                expires_at_ms: 1,
+                measure: wire::HoldMeasure::TotalTokens,
+                default_max_output_tokens: 1,
+            }),
+        };
+        let ask = wire::LeaseAsk {
+            units: 1,
+            ttl_ms: 1,
+        };
+        let release = wire::ReleaseRequest {
+            lease_id: "lease:r".into(),
         };
         let samples: Vec<(&str, Value)> = vec![
             (
@@ -278,10 +353,16 @@ mod tests {
                     max_output_tokens: Some(1),
                     requested_images: Some(1),
                     stream: true,
-                    lease: None,
+                    lease: Some(ask),
                 })
                 .unwrap(),
             ),
+            ("LeaseAsk", serde_json::to_value(ask).unwrap()),
+            (
+                "Lease",
+                serde_json::to_value(authorized.lease.clone().unwrap()).unwrap(),
+            ),
+            ("ReleaseRequest", serde_json::to_value(&release).unwrap()),
             (
                 "AuthorizeResponse",
                 serde_json::to_value(&authorized).unwrap(),
@@ -299,15 +380,18 @@ mod tests {
                     request_id: "r".into(),
                     reason: "x".into(),
                     upstream_status: 1,
-                    lease_id: None,
-                    held: 0,
+                    lease_id: Some("lease:r".into()),
+                    held: 1,
                 })
                 .unwrap(),
             ),
             (
                 "FinalizeBatchRequest",
                 serde_json::to_value(wire::FinalizeBatchRequest {
-                    items: vec![wire::Finalize::Settle(settle)],
+                    items: vec![
+                        wire::Finalize::Settle(settle),
+                        wire::Finalize::Release(release),
+                    ],
                 })
                 .unwrap(),
             ),

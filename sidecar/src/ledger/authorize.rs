@@ -7,6 +7,7 @@ use sqlx::{AnyConnection, Row};
 
 use super::accounts::{lock_account, refresh_lots, save_account, write_journal, Entry, Journal};
 use super::group::{Done, Op};
+use super::lease::{hold_measure, is_lease_key, LeaseTerms, LEASE_PREFIX};
 use super::{check_key, Ledger, LedgerError, UnpricedPolicy};
 use crate::pricing::{Measure, ModelPricing};
 use crate::storage::{bind_values, Db, Dialect, Value};
@@ -21,6 +22,8 @@ pub(super) struct Admission {
     pub user_id: String,
     pub model: ModelPricing,
     pub hold: u64,
+    /// Set when a lease was asked for and the model's quota type can be leased.
+    pub lease: Option<LeaseTerms>,
 }
 
 impl Ledger {
@@ -113,10 +116,17 @@ impl Ledger {
                 }
             },
         };
+        let lease = match (req.lease, hold_override) {
+            (Some(ask), None) => {
+                hold_measure(model.measure).map(|measure| LeaseTerms { ask, measure })
+            }
+            _ => None,
+        };
         Ok(Ok(Admission {
             user_id,
             model,
             hold,
+            lease,
         }))
     }
 
@@ -188,6 +198,9 @@ impl Ledger {
         req: &AuthorizeRequest,
         admission: &Admission,
     ) -> Result<AuthorizeResponse, LedgerError> {
+        if let Some(terms) = admission.lease {
+            return self.reserve_lease_on(conn, req, admission, terms).await;
+        }
         let db = self.db();
         let now = self.now();
         let user_id = admission.user_id.as_str();
@@ -262,19 +275,7 @@ impl Ledger {
                 .execute(&mut *conn)
                 .await?;
             write_journal(db, conn, journal, now).await?;
-            let message = match code {
-                DenyCode::NoQuota => format!("no {quota_type} quota has ever been granted"),
-                _ => format!("not enough {quota_type} quota left for a hold of {hold}"),
-            };
-            let mut denied = denial(
-                req,
-                Some(user_id.to_string()),
-                Some(quota_type.to_string()),
-                code,
-                message,
-            );
-            denied.priced = price_version.is_some();
-            return Ok(denied);
+            return Ok(quota_denial(req, admission, code));
         }
         journal.push_raw(
             user_id,
@@ -320,12 +321,29 @@ impl Ledger {
         Ok((!fits).then_some(DenyCode::QuotaExhausted))
     }
 
-    fn hold_ttl_ms(&self) -> i64 {
+    pub(super) fn hold_ttl_ms(&self) -> i64 {
         i64::try_from(self.config().hold_ttl.as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// A retry of an authorization already held: same figures give the same answer.
+    /// A retry of an authorization already held (or leased): same figures give the same
+    /// answer.
     pub(super) async fn replay_authorization_on(
+        &self,
+        conn: &mut AnyConnection,
+        req: &AuthorizeRequest,
+        admission: &Admission,
+    ) -> Result<AuthorizeResponse, LedgerError> {
+        if admission.lease.is_some() {
+            if let Some(answer) = self.replay_lease_on(conn, req, admission).await? {
+                return Ok(answer);
+            }
+        }
+        self.replay_call_authorization_on(conn, req, admission)
+            .await
+    }
+
+    /// A retry of an authorization that holds for the call itself (or was finalized).
+    pub(super) async fn replay_call_authorization_on(
         &self,
         conn: &mut AnyConnection,
         req: &AuthorizeRequest,
@@ -505,6 +523,11 @@ fn validate(req: &AuthorizeRequest) -> Result<(), String> {
     if let Caller::UserId(user) = &req.caller {
         check_key(user, "user id").map_err(|e| e.to_string())?;
     }
+    if is_lease_key(&req.request_id) {
+        return Err(format!(
+            "request ids starting with `{LEASE_PREFIX}` are reserved for leases"
+        ));
+    }
     let counts = [
         (req.estimated_input_tokens, "estimated_input_tokens"),
         (req.max_output_tokens.unwrap_or(0), "max_output_tokens"),
@@ -560,7 +583,32 @@ fn finalized_replay(
     Ok(allow(req, &admission.user_id, quota_type, 0, priced))
 }
 
-fn allow(
+/// The denial of a call the account cannot hold (`no_quota` or `quota_exhausted`).
+pub(super) fn quota_denial(
+    req: &AuthorizeRequest,
+    admission: &Admission,
+    code: DenyCode,
+) -> AuthorizeResponse {
+    let quota_type = admission.model.quota_type.as_str();
+    let message = match code {
+        DenyCode::NoQuota => format!("no {quota_type} quota has ever been granted"),
+        _ => format!(
+            "not enough {quota_type} quota left for a hold of {}",
+            admission.hold
+        ),
+    };
+    let mut denied = denial(
+        req,
+        Some(admission.user_id.clone()),
+        Some(quota_type.to_string()),
+        code,
+        message,
+    );
+    denied.priced = admission.model.price.is_some();
+    denied
+}
+
+pub(super) fn allow(
     req: &AuthorizeRequest,
     user_id: &str,
     quota_type: &str,

@@ -1,6 +1,6 @@
-//! Group commit: authorize, settle and void calls that arrive together are applied by a
-//! few writer tasks per process, many to ONE transaction, and each caller is answered on
-//! its own once that transaction has committed.
+//! Group commit: authorize, settle, void and release calls that arrive together are
+//! applied by a few writer tasks per process, many to ONE transaction, and each caller is
+//! answered on its own once that transaction has committed.
 //!
 //! Why: every commit costs a WAL flush (PostgreSQL, MySQL) or the single SQLite write lock
 //! plus its BEGIN/COMMIT round trips; sharing one commit among the calls waiting at that
@@ -19,7 +19,9 @@
 
 use std::sync::{Arc, Weak};
 
-use llm_meter_protocol::{AuthorizeRequest, AuthorizeResponse, SettleResponse, VoidRequest};
+use llm_meter_protocol::{
+    AuthorizeRequest, AuthorizeResponse, ReleaseRequest, SettleResponse, VoidRequest,
+};
 use llm_meter_protocol::{Caller, SettleRequest};
 use sqlx::{AnyConnection, Executor};
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -40,6 +42,7 @@ pub(super) enum Op {
     },
     Settle(SettleRequest),
     Void(VoidRequest),
+    Release(ReleaseRequest),
 }
 
 pub(super) enum Done {
@@ -47,6 +50,8 @@ pub(super) enum Done {
     Settled(SettleResponse),
     /// None when there is no hold to void.
     Voided(Option<SettleResponse>),
+    /// None when there is no such lease.
+    Released(Option<SettleResponse>),
 }
 
 type Reply = oneshot::Sender<Result<Done, LedgerError>>;
@@ -81,7 +86,7 @@ impl Op {
                 caller: Caller::UserId(user),
                 ..
             }) => user,
-            Op::Settle(_) | Op::Void(_) => "",
+            Op::Settle(_) | Op::Void(_) | Op::Release(_) => "",
         }
     }
 
@@ -93,6 +98,7 @@ impl Op {
                 .map(Done::Authorized),
             Op::Settle(req) => ledger.settle_on(conn, req).await.map(Done::Settled),
             Op::Void(req) => ledger.void_on(conn, req).await.map(Done::Voided),
+            Op::Release(req) => ledger.release_lease_on(conn, req).await.map(Done::Released),
         }
     }
 

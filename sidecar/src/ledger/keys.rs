@@ -17,11 +17,33 @@ impl Ledger {
         self.resolve_api_key_on(&mut conn, raw).await
     }
 
+    /// The user of a live key (active, not expired); None otherwise.
     pub(super) async fn resolve_api_key_on(
         &self,
         conn: &mut AnyConnection,
         raw: &str,
     ) -> Result<Option<String>, LedgerError> {
+        let owner = self.api_key_row(conn, raw).await?;
+        Ok(owner.and_then(|(user_id, live)| live.then_some(user_id)))
+    }
+
+    /// The owner of a key, revoked or expired ones included: who a call admitted earlier
+    /// (under a lease) belongs to.
+    pub(super) async fn api_key_owner_on(
+        &self,
+        conn: &mut AnyConnection,
+        raw: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        let owner = self.api_key_row(conn, raw).await?;
+        Ok(owner.map(|(user_id, _)| user_id))
+    }
+
+    /// The key's owner and whether the key is live now.
+    async fn api_key_row(
+        &self,
+        conn: &mut AnyConnection,
+        raw: &str,
+    ) -> Result<Option<(String, bool)>, LedgerError> {
         if raw.is_empty() || raw.len() > 1024 {
             return Ok(None);
         }
@@ -38,6 +60,6 @@ impl Ledger {
         let status: String = row.try_get(1)?;
         let expires_at: Option<i64> = row.try_get(2)?;
         let live = status == "active" && expires_at.is_none_or(|e| e > self.now());
-        Ok(live.then(|| row.try_get(0)).transpose()?)
+        Ok(Some((row.try_get(0)?, live)))
     }
 }

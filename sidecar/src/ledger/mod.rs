@@ -22,6 +22,13 @@
 //!   without a hold (fail-open, or arriving after its hold expired) charges directly.
 //! - **void** releases a hold without charge; holds never settled expire after the
 //!   configured TTL (`expire_holds`).
+//! - A **lease** (authorize with a lease ask) is one hold for one caller and model, sized
+//!   `max(h, min(asked, available / 4))`, from which the filter admits that caller's next
+//!   calls by itself until `admit_until`. Each call is settled on its own against the
+//!   lease (its units leave the lease's amount and the account's `held` together; beyond
+//!   the lease's amount the usual overrun rule applies); the filter releases what is left,
+//!   and the sweep releases a lease forgotten past `admit_until` + the hold TTL. Money
+//!   quotas (`cost_micros`) are never leased. See `lease.rs`.
 //! - Every change appends to `ledger_journal` (grant, activate, reserve, release, settle,
 //!   debt, repay, void, expire, reset, adjust), so balances can be rebuilt;
 //!   [`Ledger::reconcile`] proves it.
@@ -29,7 +36,8 @@
 //!   `next_event_at`, admission's guarded update only succeeds while it is in the future,
 //!   and the first write after it applies the due events. `expire_lots` does it in bulk.
 //! - Idempotency: authorize / settle / void by request id (a retry returns the first result;
-//!   a retry with other figures is [`LedgerError::Conflict`]); grants by source; monthly
+//!   a retry with other figures is [`LedgerError::Conflict`]), a lease's release by its id
+//!   (calls under a lease by their usage record); grants by source; monthly
 //!   reset by (membership, period). A denied authorization leaves nothing behind, so its
 //!   retry is evaluated afresh.
 
@@ -39,6 +47,9 @@ mod balance;
 mod grant;
 mod group;
 mod keys;
+mod lease;
+#[cfg(test)]
+mod lease_tests;
 mod reconcile;
 mod reset;
 mod settle;
@@ -61,6 +72,7 @@ pub use grant::{
     AdjustRequest, AdjustResponse, ExpireLotsReport, GrantRequest, GrantResponse, LotStatus,
 };
 pub use keys::hash_api_key;
+pub use lease::{lease_id_for, LEASE_PREFIX};
 pub use reconcile::{Drift, ReconcileReport};
 pub use reset::{period_bounds, MonthlyResetReport, ResetOutcome};
 pub use settle::{ConsumeRequest, ConsumeResponse, ExpireHoldsReport};
@@ -86,6 +98,8 @@ pub struct LedgerConfig {
     pub timezone: Tz,
     /// How long catalog rows (models, prices, quota types) are cached in this process.
     pub catalog_cache_ttl: Duration,
+    /// Longest admission window of a lease (the filter's ask is capped to it).
+    pub max_lease_ttl: Duration,
 }
 
 impl Default for LedgerConfig {
@@ -96,6 +110,7 @@ impl Default for LedgerConfig {
             unpriced_policy: UnpricedPolicy::Allow,
             timezone: chrono_tz::Asia::Shanghai,
             catalog_cache_ttl: Duration::from_secs(5),
+            max_lease_ttl: Duration::from_secs(60),
         }
     }
 }

@@ -3,65 +3,99 @@
 use std::sync::Arc;
 
 use llm_meter_protocol::{
-    AuthorizeRequest, AuthorizeResponse, Caller, Decision, Finalize, Outcome, SettleRequest,
-    SettleResponse, SettleStatus, Usage, VoidRequest,
+    AuthorizeRequest, AuthorizeResponse, Caller, Decision, Finalize, Outcome, ReleaseRequest,
+    SettleRequest, SettleResponse, SettleStatus, Usage, VoidRequest,
 };
 use sqlx::{AnyConnection, Row};
 
 use super::accounts::{burn, lock_account, refresh_lots, save_account_in, Account, Entry, Journal};
 use super::authorize::MAX_UNITS_PER_CALL;
 use super::group::{Done, Op};
+use super::lease::{is_lease_key, LEASE_PREFIX};
 use super::{backoff, check_key, retryable, to_i64, Ledger, LedgerError, MAX_ATTEMPTS};
-use crate::pricing::{format_micros, Measure, PriceVersion};
+use crate::pricing::{format_micros, Cost, Measure, PriceVersion};
 use crate::storage::{Batch, Value};
 
 /// A hold row as read (and locked) inside a transaction.
-struct Hold {
-    user_id: String,
-    quota_type: String,
-    provider: String,
-    model: String,
-    amount: i64,
-    price_version_id: Option<i64>,
-    priced: bool,
-    status: String,
-    created_at: i64,
+pub(super) struct Hold {
+    pub user_id: String,
+    pub quota_type: String,
+    pub provider: String,
+    pub model: String,
+    pub amount: i64,
+    pub price_version_id: Option<i64>,
+    pub priced: bool,
+    pub status: String,
+    pub created_at: i64,
+    /// `call`, or `lease` (see [`super::lease`]).
+    pub kind: String,
+}
+
+impl Hold {
+    pub fn is_lease(&self) -> bool {
+        self.kind == "lease"
+    }
 }
 
 /// Who and what a settlement charges.
-struct Target {
-    user_id: String,
-    quota_type: String,
-    provider: String,
-    model: String,
-    measure: Measure,
-    price: Option<Arc<PriceVersion>>,
+pub(super) struct Target {
+    pub user_id: String,
+    pub quota_type: String,
+    pub provider: String,
+    pub model: String,
+    pub measure: Measure,
+    pub price: Option<Arc<PriceVersion>>,
     /// Units still held for this call (0 without a live hold).
-    release: i64,
-    started_at: Option<i64>,
-    fail_open: bool,
+    pub release: i64,
+    pub started_at: Option<i64>,
+    pub fail_open: bool,
 }
 
 /// One `usage_records` row.
-struct UsageRow<'a> {
-    request_id: &'a str,
-    target: &'a Target,
-    outcome: &'static str,
-    usage: Usage,
-    units: i64,
-    charged: i64,
-    debt: i64,
-    cost_micros: Option<i64>,
-    estimated: bool,
-    upstream_status: u16,
-    status: &'static str,
-    reason: Option<&'a str>,
-    ended_at: i64,
+pub(super) struct UsageRow<'a> {
+    pub request_id: &'a str,
+    pub target: &'a Target,
+    pub outcome: &'static str,
+    pub usage: Usage,
+    pub units: i64,
+    pub charged: i64,
+    pub debt: i64,
+    pub cost_micros: Option<i64>,
+    pub estimated: bool,
+    pub upstream_status: u16,
+    pub status: &'static str,
+    pub reason: Option<&'a str>,
+    pub ended_at: i64,
+    /// Units the call held (its own hold, or its share of a lease).
+    pub held: i64,
+}
+
+/// A settlement's usage, normalized, with its cost and the units it consumes.
+pub(super) struct Measured {
+    pub usage: Usage,
+    pub cost: Option<Cost>,
+    pub units: i64,
+}
+
+/// What [`Ledger::record_settlement`] charges and records.
+pub(super) struct Settlement<'a> {
+    pub req: &'a SettleRequest,
+    pub target: &'a Target,
+    /// The account when already locked together with the hold.
+    pub account: Option<Account>,
+    pub measured: Measured,
+    /// Units the call held, for its usage record.
+    pub held: i64,
+    /// The lease the call ran under, noted on its release journal row.
+    pub lease_id: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct ExpireHoldsReport {
+    /// Holds expired, leases included.
     pub expired: u64,
+    /// Of `expired`: leases the filter never released.
+    pub leases_expired: u64,
     pub units_released: u64,
     /// Holds that could not be expired (logged; the next sweep tries them again).
     pub failed: u64,
@@ -87,25 +121,47 @@ pub struct ConsumeResponse {
     pub settlement: Option<SettleResponse>,
 }
 
-/// The checks [`Ledger::settle`] and [`Ledger::void`] make before queueing.
+/// The checks [`Ledger::finalize`] makes before queueing.
 fn check_finalize(item: &Finalize) -> Result<(), LedgerError> {
     match item {
-        Finalize::Settle(req) => {
-            check_key(&req.request_id, "request_id")?;
-            check_key(&req.provider, "provider")?;
-            check_key(&req.model, "model")?;
-            validate_usage(&req.usage)
-        }
-        Finalize::Void(req) => check_key(&req.request_id, "request_id"),
-        Finalize::Release(req) => {
-            check_key(&req.lease_id, "lease_id")?;
-            Err(LedgerError::Invalid("leases are not supported yet".into()))
-        }
+        Finalize::Settle(req) => check_settle(req),
+        Finalize::Void(req) => check_void(req),
+        Finalize::Release(req) => check_key(&req.lease_id, "lease_id"),
     }
 }
 
+fn check_settle(req: &SettleRequest) -> Result<(), LedgerError> {
+    check_call_id(&req.request_id)?;
+    check_key(&req.provider, "provider")?;
+    check_key(&req.model, "model")?;
+    if let Some(lease_id) = &req.lease_id {
+        check_key(lease_id, "lease_id")?;
+    }
+    to_i64(req.held, "held")?;
+    validate_usage(&req.usage)
+}
+
+fn check_void(req: &VoidRequest) -> Result<(), LedgerError> {
+    check_call_id(&req.request_id)?;
+    if let Some(lease_id) = &req.lease_id {
+        check_key(lease_id, "lease_id")?;
+    }
+    to_i64(req.held, "held").map(drop)
+}
+
+/// A call's request id: a valid key, and never one of the keys leases use.
+fn check_call_id(request_id: &str) -> Result<(), LedgerError> {
+    check_key(request_id, "request_id")?;
+    if is_lease_key(request_id) {
+        return Err(LedgerError::Invalid(format!(
+            "request ids starting with `{LEASE_PREFIX}` are reserved for leases"
+        )));
+    }
+    Ok(())
+}
+
 /// Subsets clamped to their totals, so nothing is billed twice.
-fn normalize(usage: &Usage) -> Usage {
+pub(super) fn normalize(usage: &Usage) -> Usage {
     let cached = usage.cached_input_tokens.min(usage.input_tokens);
     Usage {
         input_tokens: usage.input_tokens,
@@ -138,10 +194,7 @@ impl Ledger {
     /// Charges the actual usage of a call and releases the rest of its hold. Idempotent by
     /// request id: an identical retry answers `AlreadySettled`, a different one `Conflict`.
     pub async fn settle(&self, req: &SettleRequest) -> Result<SettleResponse, LedgerError> {
-        check_key(&req.request_id, "request_id")?;
-        check_key(&req.provider, "provider")?;
-        check_key(&req.model, "model")?;
-        validate_usage(&req.usage)?;
+        check_settle(req)?;
         self.retrying(|| async {
             match self.submit_one(Op::Settle(req.clone())).await? {
                 Done::Settled(response) => Ok(response),
@@ -159,11 +212,25 @@ impl Ledger {
         conn: &mut AnyConnection,
         req: &SettleRequest,
     ) -> Result<SettleResponse, LedgerError> {
+        if let Some(lease_id) = &req.lease_id {
+            if let Some(answer) = self.settle_under_lease_on(conn, req, lease_id).await? {
+                return Ok(answer);
+            }
+            // An unknown lease: the call did run, so it is charged like one without a hold.
+            tracing::warn!(request_id = %req.request_id, %lease_id,
+                "settlement under an unknown lease; charging directly");
+        }
         let db = self.db();
         let now = self.now();
         let (hold, account) = load_hold(self, conn, &req.request_id).await?;
         let late = hold.as_ref().is_some_and(|h| h.status == "expired");
         let target = match hold {
+            Some(h) if h.is_lease() => {
+                return Err(LedgerError::Invalid(format!(
+                    "{} is a lease, not a call",
+                    req.request_id
+                )));
+            }
             Some(h) if h.status == "held" || h.status == "expired" => {
                 let release = if h.status == "held" { h.amount } else { 0 };
                 self.target_of_hold(conn, h, release).await?
@@ -190,22 +257,8 @@ impl Ledger {
             }
         };
 
-        let usage = normalize(&req.usage);
-        let cost = match &target.price {
-            Some(price) => Some(price.cost(&usage)?),
-            None => None,
-        };
-        let cost_micros = cost.map(|c| c.micros);
-        let units = to_i64(target.measure.units(&usage, cost_micros), "units")?;
-        let mut journal = Journal::default();
+        let measured = measure(&target, &req.usage)?;
         let mut batch = Batch::default();
-        let to_charge = Charge {
-            target: &target,
-            account,
-            units,
-            request_id: &req.request_id,
-        };
-        let (charged, debt) = charge(self, conn, &mut batch, to_charge, &mut journal, now).await?;
         if target.started_at.is_some() {
             batch.push(
                 "UPDATE ledger_holds SET status = 'settled', finalized_at = ? WHERE request_id = ?",
@@ -225,19 +278,57 @@ impl Ledger {
                 .execute(&mut *conn)
                 .await?;
         }
+        let settlement = Settlement {
+            req,
+            target: &target,
+            account,
+            measured,
+            held: target.release,
+            lease_id: None,
+        };
+        self.record_settlement(conn, settlement, batch, now).await
+    }
+
+    /// Charges a measured settlement and records it (usage record, daily costs, journal),
+    /// applying `batch` (the settlement's other writes) with it.
+    pub(super) async fn record_settlement(
+        &self,
+        conn: &mut AnyConnection,
+        settlement: Settlement<'_>,
+        mut batch: Batch,
+        now: i64,
+    ) -> Result<SettleResponse, LedgerError> {
+        let Settlement {
+            req,
+            target,
+            account,
+            measured,
+            held,
+            lease_id,
+        } = settlement;
+        let mut journal = Journal::default();
+        let to_charge = Charge {
+            target,
+            account,
+            units: measured.units,
+            request_id: &req.request_id,
+            memo: lease_id,
+        };
+        let (charged, debt) = charge(self, conn, &mut batch, to_charge, &mut journal, now).await?;
         let ended_at = match req.ended_at_ms.and_then(|t| i64::try_from(t).ok()) {
             Some(t) if t > 0 && t <= now => t,
             _ => now,
         };
+        let cost_micros = measured.cost.map(|c| c.micros);
         let row = UsageRow {
             request_id: &req.request_id,
-            target: &target,
+            target,
             outcome: match req.outcome {
                 Outcome::Completed => "completed",
                 Outcome::Partial => "partial",
             },
-            usage,
-            units,
+            usage: measured.usage,
+            units: measured.units,
             charged,
             debt,
             cost_micros,
@@ -246,11 +337,12 @@ impl Ledger {
             status: "settled",
             reason: None,
             ended_at,
+            held,
         };
         push_usage(self, &mut batch, &row, target.price.is_none(), now);
         push_daily_cost(self, &mut batch, &row, now);
         journal.into_batch(&mut batch, now);
-        batch.execute(db.dialect(), conn).await?;
+        batch.execute(self.db().dialect(), conn).await?;
         if debt > 0 {
             tracing::warn!(request_id = %req.request_id, user = %target.user_id,
                 quota_type = %target.quota_type, debt, "usage exceeded the balance; recorded as debt");
@@ -260,12 +352,12 @@ impl Ledger {
             status: SettleStatus::Settled,
             charged: charged as u64,
             debt: debt as u64,
-            cost: cost.map(|c| format_micros(c.micros)),
+            cost: cost_micros.map(format_micros),
             currency: target.price.as_ref().map(|p| p.currency.clone()),
         })
     }
 
-    async fn target_of_hold(
+    pub(super) async fn target_of_hold(
         &self,
         conn: &mut AnyConnection,
         hold: Hold,
@@ -342,7 +434,7 @@ impl Ledger {
     }
 
     /// Answers a retried settlement from its usage record.
-    async fn replay_settlement_on(
+    pub(super) async fn replay_settlement_on(
         &self,
         conn: &mut AnyConnection,
         req: &SettleRequest,
@@ -413,7 +505,7 @@ impl Ledger {
 
     /// Releases a hold without charge. Idempotent; voiding a settled call is a conflict.
     pub async fn void(&self, req: &VoidRequest) -> Result<SettleResponse, LedgerError> {
-        check_key(&req.request_id, "request_id")?;
+        check_void(req)?;
         self.retrying(|| async {
             match self.submit_one(Op::Void(req.clone())).await? {
                 Done::Voided(response) => Ok(response),
@@ -426,10 +518,11 @@ impl Ledger {
         .ok_or_else(|| LedgerError::NotFound(format!("no hold for request {}", req.request_id)))
     }
 
-    /// Settles and voids a batch of calls (the filter's outbox) in as few transactions as
-    /// the group writers allow: the whole batch is queued at once, so it normally commits
-    /// as one. Each item is answered on its own, in order, exactly as [`Ledger::settle`] /
-    /// [`Ledger::void`] would answer it; a failing item never fails the others.
+    /// Settles and voids calls and releases leases (the filter's outbox) in as few
+    /// transactions as the group writers allow: the whole batch is queued at once, so it
+    /// normally commits as one. Each item is answered on its own, in order, exactly as
+    /// [`Ledger::settle`] / [`Ledger::void`] / [`Ledger::release`] would answer it; a failing
+    /// item never fails the others.
     pub async fn finalize(&self, items: &[Finalize]) -> Vec<Result<SettleResponse, LedgerError>> {
         let mut results: Vec<Option<Result<SettleResponse, LedgerError>>> = items
             .iter()
@@ -447,16 +540,22 @@ impl Ledger {
                 .map(|&i| match &items[i] {
                     Finalize::Settle(req) => Op::Settle(req.clone()),
                     Finalize::Void(req) => Op::Void(req.clone()),
-                    Finalize::Release(_) => unreachable!("rejected by check_finalize"),
+                    Finalize::Release(req) => Op::Release(req.clone()),
                 })
                 .collect();
             let answers = self.submit(ops).await;
             let mut again = false;
             for (i, answer) in open.into_iter().zip(answers) {
                 let answer = match answer {
-                    Ok(Done::Settled(r)) | Ok(Done::Voided(Some(r))) => Ok(r),
+                    Ok(Done::Settled(r))
+                    | Ok(Done::Voided(Some(r)))
+                    | Ok(Done::Released(Some(r))) => Ok(r),
                     Ok(Done::Voided(None)) => Err(LedgerError::NotFound(format!(
                         "no hold for request {}",
+                        items[i].request_id()
+                    ))),
+                    Ok(Done::Released(None)) => Err(LedgerError::NotFound(format!(
+                        "no lease {}",
                         items[i].request_id()
                     ))),
                     Ok(Done::Authorized(_)) => Err(LedgerError::Inconsistent(
@@ -486,12 +585,30 @@ impl Ledger {
         conn: &mut AnyConnection,
         req: &VoidRequest,
     ) -> Result<Option<SettleResponse>, LedgerError> {
-        self.release_on(conn, &req.request_id, Release::Void(req))
-            .await
+        if let Some(lease_id) = &req.lease_id {
+            return self.void_under_lease_on(conn, req, lease_id).await;
+        }
+        let answer = self
+            .release_on(conn, &req.request_id, Release::Void(req))
+            .await?;
+        // A void that names no lease for a call whose authorization granted one: the
+        // client left before the filter read the answer, so the filter never admitted a
+        // call under that lease and will never release it. Release it now rather than
+        // leave the units held until the sweep.
+        let lease = ReleaseRequest {
+            lease_id: super::lease_id_for(&req.request_id),
+        };
+        let released = self.release_lease_on(conn, &lease).await?;
+        if released.is_some_and(|r| r.status == SettleStatus::Released) {
+            tracing::info!(request_id = %req.request_id,
+                "void of an authorization whose lease was never used: lease released");
+        }
+        Ok(answer)
     }
 
-    /// Releases every hold whose TTL passed by `now` (recorded as `expired`). A hold that
-    /// fails is logged and counted, and the sweep goes on with the others.
+    /// Releases every hold whose TTL passed by `now` (recorded as `expired`), leases past
+    /// their admission window plus the hold TTL included. A hold that fails is logged and
+    /// counted, and the sweep goes on with the others.
     pub async fn expire_holds(&self, now: i64) -> Result<ExpireHoldsReport, LedgerError> {
         const BATCH: i64 = 200;
         let mut report = ExpireHoldsReport::default();
@@ -500,8 +617,9 @@ impl Ledger {
         let mut after: (i64, String) = (i64::MIN, String::new());
         loop {
             let sql = self.db().sql(
-                "SELECT request_id, amount, expires_at FROM ledger_holds WHERE status = 'held' \
-                 AND expires_at <= ? AND (expires_at > ? OR (expires_at = ? AND request_id > ?)) \
+                "SELECT request_id, amount, expires_at, kind FROM ledger_holds \
+                 WHERE status = 'held' AND expires_at <= ? \
+                 AND (expires_at > ? OR (expires_at = ? AND request_id > ?)) \
                  ORDER BY expires_at, request_id LIMIT ?",
             );
             let rows = sqlx::query(&sql)
@@ -516,6 +634,7 @@ impl Ledger {
                 let request_id: String = row.try_get(0)?;
                 let amount: i64 = row.try_get(1)?;
                 after = (row.try_get(2)?, request_id.clone());
+                let lease = row.try_get::<String, _>(3)? == "lease";
                 let released = self
                     .retrying(|| self.release_once(&request_id, Release::Expire(now)))
                     .await;
@@ -523,7 +642,12 @@ impl Ledger {
                     Ok(Some(r)) if r.status == SettleStatus::Voided => {
                         report.expired += 1;
                         report.units_released += amount.max(0) as u64;
-                        tracing::warn!(request_id = %request_id, "hold expired without settlement");
+                        if lease {
+                            report.leases_expired += 1;
+                            tracing::warn!(lease_id = %request_id, "lease expired unreleased");
+                        } else {
+                            tracing::warn!(%request_id, "hold expired without settlement");
+                        }
                     }
                     Ok(_) => {}
                     Err(error) => {
@@ -559,7 +683,7 @@ impl Ledger {
     }
 
     /// Void or expiry of one hold; None when there is no hold. `Voided` means released now.
-    async fn release_on(
+    pub(super) async fn release_on(
         &self,
         conn: &mut AnyConnection,
         request_id: &str,
@@ -585,6 +709,10 @@ impl Ledger {
             currency: None,
         };
         match (hold.status.as_str(), &release) {
+            (_, Release::Void(_)) if hold.is_lease() => {
+                let message = format!("{request_id} is a lease; release it instead");
+                return Err(LedgerError::Invalid(message));
+            }
             ("held", _) => {}
             ("voided" | "expired", Release::Void(_)) => {
                 return Ok(Some(answer(SettleStatus::AlreadyVoided)));
@@ -628,6 +756,7 @@ impl Ledger {
         save_account_in(&mut batch, &account, now);
         let amount = hold.amount;
         let priced = hold.priced;
+        let lease = hold.is_lease();
         let target = self.target_of_hold(conn, hold, amount).await?;
         let row = UsageRow {
             request_id,
@@ -643,11 +772,14 @@ impl Ledger {
             status,
             reason: Some(reason),
             ended_at: now,
+            held: target.release,
         };
-        // A hold left by an authorize that arrived after its settlement (before that
-        // authorize replayed finalized requests) has a usage record already: keep it.
-        let recorded = matches!(release, Release::Expire(_))
-            && usage_record_exists(self, conn, request_id).await?;
+        // No call is behind a lease (its calls have their own records). A hold left by an
+        // authorize that arrived after its settlement (before that authorize replayed
+        // finalized requests) has a usage record already: keep it.
+        let recorded = lease
+            || (matches!(release, Release::Expire(_))
+                && usage_record_exists(self, conn, request_id).await?);
         if !recorded {
             push_usage(self, &mut batch, &row, !priced, now);
         }
@@ -661,7 +793,7 @@ impl Ledger {
     /// (yet). Success with nothing released, journaled (memo `void before authorize`), and
     /// a finalized hold row (user unknown: empty) so that a late authorize of this request
     /// replays it as denied instead of holding.
-    async fn void_before_authorize(
+    pub(super) async fn void_before_authorize(
         &self,
         conn: &mut AnyConnection,
         void: &VoidRequest,
@@ -766,14 +898,14 @@ impl Ledger {
     }
 }
 
-enum Release<'a> {
+pub(super) enum Release<'a> {
     Void(&'a VoidRequest),
     Expire(i64),
 }
 
 /// The hold of a request and its account, both locked, in one round trip. The account is
 /// None only when there is no hold.
-async fn load_hold(
+pub(super) async fn load_hold(
     ledger: &Ledger,
     conn: &mut AnyConnection,
     request_id: &str,
@@ -781,7 +913,7 @@ async fn load_hold(
     let db = ledger.db();
     let sql = format!(
         "SELECT h.user_id, h.quota_type, h.provider, h.model, h.amount, h.price_version_id, \
-         h.priced, h.status, h.created_at, a.balance, a.held, a.debt, a.next_event_at \
+         h.priced, h.status, h.created_at, h.kind, a.balance, a.held, a.debt, a.next_event_at \
          FROM ledger_holds h JOIN ledger_accounts a \
          ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
          WHERE h.request_id = ?{}",
@@ -798,12 +930,31 @@ async fn load_hold(
     let account = Account {
         user_id: hold.user_id.clone(),
         quota_type: hold.quota_type.clone(),
-        balance: row.try_get(9)?,
-        held: row.try_get(10)?,
-        debt: row.try_get(11)?,
-        next_event_at: row.try_get(12)?,
+        balance: row.try_get(10)?,
+        held: row.try_get(11)?,
+        debt: row.try_get(12)?,
+        next_event_at: row.try_get(13)?,
     };
     Ok((Some(hold), Some(account)))
+}
+
+/// The columns [`hold_of`] reads.
+const HOLD_COLUMNS: &str = "user_id, quota_type, provider, model, amount, price_version_id, \
+    priced, status, created_at, kind";
+
+/// A hold row read without locking it (for its immutable columns).
+pub(super) async fn read_hold(
+    ledger: &Ledger,
+    conn: &mut AnyConnection,
+    request_id: &str,
+) -> Result<Option<Hold>, LedgerError> {
+    let db = ledger.db();
+    let sql = format!("SELECT {HOLD_COLUMNS} FROM ledger_holds WHERE request_id = ?");
+    let row = sqlx::query(&db.sql(&sql))
+        .bind(request_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(hold_of).transpose()
 }
 
 /// A hold row with no account: only a finalized one is legitimate (a void before
@@ -815,8 +966,7 @@ async fn load_orphan_hold(
 ) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
     let db = ledger.db();
     let sql = format!(
-        "SELECT user_id, quota_type, provider, model, amount, price_version_id, priced, status, \
-         created_at FROM ledger_holds WHERE request_id = ?{}",
+        "SELECT {HOLD_COLUMNS} FROM ledger_holds WHERE request_id = ?{}",
         db.dialect().for_update()
     );
     let row = sqlx::query(&db.sql(&sql))
@@ -835,7 +985,7 @@ async fn load_orphan_hold(
     Ok((Some(hold), None))
 }
 
-/// The first nine columns of a hold query.
+/// The first ten columns of a hold query.
 fn hold_of(row: &sqlx::any::AnyRow) -> Result<Hold, LedgerError> {
     Ok(Hold {
         user_id: row.try_get(0)?,
@@ -847,6 +997,7 @@ fn hold_of(row: &sqlx::any::AnyRow) -> Result<Hold, LedgerError> {
         priced: row.try_get::<i32, _>(6)? != 0,
         status: row.try_get(7)?,
         created_at: row.try_get(8)?,
+        kind: row.try_get(9)?,
     })
 }
 
@@ -873,19 +1024,30 @@ fn push_tombstone(batch: &mut Batch, request_id: &str, target: &Target, status: 
     );
 }
 
-async fn usage_record_exists(
+pub(super) async fn usage_record_exists(
     ledger: &Ledger,
     conn: &mut AnyConnection,
     request_id: &str,
 ) -> Result<bool, LedgerError> {
+    Ok(usage_record_status(ledger, conn, request_id)
+        .await?
+        .is_some())
+}
+
+/// The status of a request's usage record (settled, voided, expired), if it has one.
+pub(super) async fn usage_record_status(
+    ledger: &Ledger,
+    conn: &mut AnyConnection,
+    request_id: &str,
+) -> Result<Option<String>, LedgerError> {
     let sql = ledger
         .db()
-        .sql("SELECT id FROM usage_records WHERE request_id = ?");
+        .sql("SELECT status FROM usage_records WHERE request_id = ?");
     let row = sqlx::query(&sql)
         .bind(request_id)
         .fetch_optional(&mut *conn)
         .await?;
-    Ok(row.is_some())
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
 }
 
 /// What [`charge`] charges.
@@ -895,6 +1057,23 @@ struct Charge<'a> {
     account: Option<Account>,
     units: i64,
     request_id: &'a str,
+    /// Noted on the release journal row (the lease the units came from).
+    memo: Option<&'a str>,
+}
+
+/// The usage of a settlement measured for `target`: normalized, priced, in quota units.
+pub(super) fn measure(target: &Target, usage: &Usage) -> Result<Measured, LedgerError> {
+    let usage = normalize(usage);
+    let cost = match &target.price {
+        Some(price) => Some(price.cost(&usage)?),
+        None => None,
+    };
+    let units = target.measure.units(&usage, cost.map(|c| c.micros));
+    Ok(Measured {
+        usage,
+        cost,
+        units: to_i64(units, "units")?,
+    })
 }
 
 /// Releases the call's hold and charges `units`: from the available balance in burn order,
@@ -913,6 +1092,7 @@ async fn charge(
         account,
         units,
         request_id,
+        memo,
     } = charge;
     let mut account = match account {
         Some(account) => account,
@@ -931,6 +1111,7 @@ async fn charge(
                 kind: "release",
                 request_id: Some(request_id.to_string()),
                 held_delta: -target.release,
+                memo: memo.map(str::to_string),
                 ..Entry::default()
             },
         );
@@ -955,7 +1136,13 @@ async fn charge(
     Ok((charged, debt))
 }
 
-fn push_usage(ledger: &Ledger, batch: &mut Batch, row: &UsageRow<'_>, unpriced: bool, now: i64) {
+pub(super) fn push_usage(
+    ledger: &Ledger,
+    batch: &mut Batch,
+    row: &UsageRow<'_>,
+    unpriced: bool,
+    now: i64,
+) {
     let t = row.target;
     let u = &row.usage;
     let flag = |b: bool| Value::from(i64::from(b));
@@ -982,7 +1169,7 @@ fn push_usage(ledger: &Ledger, batch: &mut Batch, row: &UsageRow<'_>, unpriced: 
             row.units.into(),
             row.charged.into(),
             row.debt.into(),
-            t.release.into(),
+            row.held.into(),
             row.cost_micros.into(),
             t.price.as_ref().map(|p| p.currency.clone()).into(),
             t.price.as_ref().map(|p| p.id).into(),
@@ -1001,7 +1188,7 @@ fn push_usage(ledger: &Ledger, batch: &mut Batch, row: &UsageRow<'_>, unpriced: 
     );
 }
 
-fn push_daily_cost(ledger: &Ledger, batch: &mut Batch, row: &UsageRow<'_>, now: i64) {
+pub(super) fn push_daily_cost(ledger: &Ledger, batch: &mut Batch, row: &UsageRow<'_>, now: i64) {
     let insert = "INSERT INTO daily_costs (day, provider, model, user_id, quota_type, currency, \
         requests, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, \
         reasoning_tokens, images, units, cost_micros, unpriced_requests, updated_at) \

@@ -16,25 +16,25 @@ use super::*;
 use crate::pricing::{create_price_version, NewPriceVersion, PriceItem, PriceUnit, PricingType};
 use crate::storage::testing::{each_backend, TestDb};
 
-const T0: i64 = 1_750_000_000_000; // 2025-06-15T15:06:40Z
+pub(super) const T0: i64 = 1_750_000_000_000; // 2025-06-15T15:06:40Z
 
-struct Fixture {
-    ledger: Ledger,
-    clock: Arc<AtomicI64>,
+pub(super) struct Fixture {
+    pub ledger: Ledger,
+    pub clock: Arc<AtomicI64>,
 }
 
 impl Fixture {
-    fn set_time(&self, ms: i64) {
+    pub fn set_time(&self, ms: i64) {
         self.clock.store(ms, Ordering::SeqCst);
     }
 
-    fn advance(&self, by: Duration) {
+    pub fn advance(&self, by: Duration) {
         self.clock
             .fetch_add(by.as_millis() as i64, Ordering::SeqCst);
     }
 }
 
-fn config() -> LedgerConfig {
+pub(super) fn config() -> LedgerConfig {
     LedgerConfig {
         hold_ttl: Duration::from_secs(60),
         default_max_output_tokens: 100,
@@ -43,18 +43,18 @@ fn config() -> LedgerConfig {
     }
 }
 
-async fn fixture(t: &TestDb) -> Fixture {
+pub(super) async fn fixture(t: &TestDb) -> Fixture {
     fixture_with(t.db.clone(), config()).await
 }
 
-async fn fixture_with(db: crate::storage::Db, config: LedgerConfig) -> Fixture {
+pub(super) async fn fixture_with(db: crate::storage::Db, config: LedgerConfig) -> Fixture {
     let clock = Arc::new(AtomicI64::new(T0));
     let c = clock.clone();
     let ledger = Ledger::with_clock(db, config, Arc::new(move || c.load(Ordering::SeqCst)));
     Fixture { ledger, clock }
 }
 
-async fn exec(db: &crate::storage::Db, sql: &str) {
+pub(super) async fn exec(db: &crate::storage::Db, sql: &str) {
     sqlx::query(&db.sql(sql))
         .execute(db.pool())
         .await
@@ -62,7 +62,7 @@ async fn exec(db: &crate::storage::Db, sql: &str) {
 }
 
 /// openai/gpt (text, priced 0.002 + 0.006 per 1k from T0 - 1 day) and openai/img (image).
-async fn seed_catalog(db: &crate::storage::Db) {
+pub(super) async fn seed_catalog(db: &crate::storage::Db) {
     for (model, kind) in [
         ("gpt", "text"),
         ("img", "image"),
@@ -102,7 +102,13 @@ async fn seed_catalog(db: &crate::storage::Db) {
     create_price_version(db, &image).await.unwrap();
 }
 
-async fn price(db: &crate::storage::Db, model: &str, from: i64, input: &str, output: &str) -> i64 {
+pub(super) async fn price(
+    db: &crate::storage::Db,
+    model: &str,
+    from: i64,
+    input: &str,
+    output: &str,
+) -> i64 {
     let version = NewPriceVersion {
         provider: "openai".into(),
         model: model.into(),
@@ -128,7 +134,7 @@ async fn price(db: &crate::storage::Db, model: &str, from: i64, input: &str, out
     create_price_version(db, &version).await.unwrap()
 }
 
-fn grant_req(user: &str, amount: u64, source_id: &str) -> GrantRequest {
+pub(super) fn grant_req(user: &str, amount: u64, source_id: &str) -> GrantRequest {
     GrantRequest {
         user_id: user.into(),
         quota_type: "text_token".into(),
@@ -142,7 +148,7 @@ fn grant_req(user: &str, amount: u64, source_id: &str) -> GrantRequest {
     }
 }
 
-fn auth(id: &str, user: &str, input: u64, max_output: u64) -> AuthorizeRequest {
+pub(super) fn auth(id: &str, user: &str, input: u64, max_output: u64) -> AuthorizeRequest {
     AuthorizeRequest {
         request_id: id.into(),
         caller: Caller::UserId(user.into()),
@@ -156,7 +162,7 @@ fn auth(id: &str, user: &str, input: u64, max_output: u64) -> AuthorizeRequest {
     }
 }
 
-fn settle_req(id: &str, user: &str, input: u64, output: u64) -> SettleRequest {
+pub(super) fn settle_req(id: &str, user: &str, input: u64, output: u64) -> SettleRequest {
     SettleRequest {
         request_id: id.into(),
         caller: Caller::UserId(user.into()),
@@ -177,7 +183,7 @@ fn settle_req(id: &str, user: &str, input: u64, output: u64) -> SettleRequest {
     }
 }
 
-async fn assert_clean(ledger: &Ledger) {
+pub(super) async fn assert_clean(ledger: &Ledger) {
     let report = ledger.reconcile().await.unwrap();
     assert!(report.is_clean(), "drift: {:#?}", report.drifts);
 }
@@ -1025,7 +1031,7 @@ async fn monthly_reset_runs_once_per_membership_and_period() {
 }
 
 /// Few connections per "process", so parallel tests stay under the servers' limits.
-fn small_pool() -> crate::storage::DbOptions {
+pub(super) fn small_pool() -> crate::storage::DbOptions {
     crate::storage::DbOptions {
         max_connections: 6,
         ..Default::default()

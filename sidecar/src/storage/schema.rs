@@ -38,7 +38,11 @@
 //! - `quota_lots`: grants. amount = remaining + used + expired. source (type, id) is the
 //!   idempotency key per quota type. status pending (not yet effective) / active / expired.
 //! - `ledger_holds`: one per authorized request: held amount, price version, status
-//!   held/settled/voided/expired, expires_at (hold TTL).
+//!   held/settled/voided/expired, expires_at (hold TTL). `kind` is `call`, or `lease` for
+//!   a lease (keyed `lease:<request id>`): units held for one caller and model from which the
+//!   filter admits calls itself; `amount` is what is left of it, `granted` what it started
+//!   with, `first_held` the authorizing call's share, `admit_until` the end of admission
+//!   (`expires_at` adds the hold TTL), status held/released/expired.
 //! - `ledger_journal`: append-only. Every change to a lot, balance, held or debt is a row
 //!   with its deltas (lot_delta, balance_delta, held_delta, debt_delta); kinds: grant,
 //!   activate, reserve, release, settle, debt, repay, void, expire, reset, adjust.
@@ -80,6 +84,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "default quota types",
         statements: default_quota_types,
+    },
+    Migration {
+        version: 3,
+        name: "leases",
+        statements: leases,
     },
 ];
 
@@ -452,6 +461,28 @@ fn default_quota_types(dialect: Dialect) -> Vec<String> {
     .collect()
 }
 
+/// Version 3: what a lease needs on its hold row (see the module documentation).
+fn leases(dialect: Dialect) -> Vec<String> {
+    [
+        "kind VARCHAR(16) NOT NULL DEFAULT 'call'",
+        "granted BIGINT NULL",
+        "first_held BIGINT NULL",
+        "admit_until BIGINT NULL",
+    ]
+    .iter()
+    .map(|column| add_column(dialect, "ledger_holds", column))
+    .collect()
+}
+
+fn add_column(dialect: Dialect, table: &str, column: &str) -> String {
+    match dialect {
+        Dialect::Postgres => format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"),
+        // SQLite runs the migration in one transaction; MySQL's duplicate column (1060) from
+        // an interrupted earlier run is ignored when run.
+        Dialect::Sqlite | Dialect::MySql => format!("ALTER TABLE {table} ADD COLUMN {column}"),
+    }
+}
+
 /// Applies pending migrations under a cross-process lock.
 pub(super) async fn migrate(db: &Db) -> Result<MigrationReport, StorageError> {
     let dialect = db.dialect();
@@ -587,7 +618,7 @@ async fn run_statements(
 ) -> Result<(), sqlx::Error> {
     for statement in (migration.statements)(dialect) {
         if let Err(e) = conn.execute(statement.as_str()).await {
-            if !is_duplicate_index(&e) {
+            if !is_already_applied(&e) {
                 return Err(e);
             }
         }
@@ -603,12 +634,13 @@ async fn run_statements(
     Ok(())
 }
 
-/// MySQL error 1061 (duplicate key name): the index exists from an interrupted earlier run.
-fn is_duplicate_index(error: &sqlx::Error) -> bool {
+/// MySQL errors 1060 (duplicate column name) and 1061 (duplicate key name): the column or
+/// index exists from an interrupted earlier run (MySQL DDL is not transactional).
+fn is_already_applied(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => db
             .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-            .is_some_and(|e| e.number() == 1061),
+            .is_some_and(|e| matches!(e.number(), 1060 | 1061)),
         _ => false,
     }
 }

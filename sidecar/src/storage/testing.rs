@@ -189,6 +189,30 @@ mod tests {
         }
     }
 
+    /// MySQL commits each DDL statement: a migration interrupted after adding a column runs
+    /// again over it (PostgreSQL uses IF NOT EXISTS; SQLite's migration is one transaction).
+    #[tokio::test]
+    async fn the_lease_columns_migration_runs_again_over_itself() {
+        for t in each_backend().await {
+            if t.backend == Dialect::Sqlite {
+                t.cleanup().await;
+                continue;
+            }
+            sqlx::query("DELETE FROM schema_migrations WHERE version = 3")
+                .execute(t.db.pool())
+                .await
+                .unwrap();
+            let again = t.db.migrate().await.unwrap();
+            assert_eq!(again.applied, [3], "{:?}", t.backend);
+            let row = sqlx::query("SELECT COUNT(*) FROM ledger_holds WHERE kind = 'call'")
+                .fetch_one(t.db.pool())
+                .await
+                .unwrap();
+            assert_eq!(row.get::<i64, _>(0), 0);
+            t.cleanup().await;
+        }
+    }
+
     #[tokio::test]
     async fn concurrent_migrations_from_two_processes_agree() {
         for t in each_backend().await {

@@ -1,0 +1,239 @@
+//! Leases through the real Envoy: after one authorization, a caller's next calls of the
+//! same model are admitted by the filter alone, yet every call is settled on its own,
+//! nothing is ever overdrawn, and what a lease has left goes back to the balance.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use llm_meter_e2e::admin::num;
+use llm_meter_e2e::procs::FilterOptions;
+use llm_meter_e2e::stack::Stack;
+use serde_json::{json, Value};
+
+const MODEL: &str = "m-lease";
+/// What the scripted upstream's default answer reports.
+const TOKENS_PER_CALL: i64 = 6;
+
+fn chat(max_tokens: u64) -> Value {
+    json!({
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "hello"}],
+    })
+}
+
+/// Authorize calls the sidecar answered, from its Prometheus counters.
+async fn sidecar_authorizations(stack: &Stack) -> u64 {
+    let url = format!("{}/metrics", stack.sidecar.base_url());
+    let text = stack
+        .http
+        .get(url)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    text.lines()
+        .filter(|line| line.starts_with("meter_authorize_total{"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
+fn stat(stack: &Stack, name: &str) -> u64 {
+    stack.envoy.stat(&format!("wasmcustom.llm_meter.{name}"))
+}
+
+async fn assert_reconciled(stack: &Stack) {
+    let reconcile = stack
+        .admin
+        .must_post("/admin/v1/reconcile", json!({}))
+        .await;
+    assert_eq!(reconcile["clean"], true, "{reconcile}");
+}
+
+async fn started(label: &str, filter: FilterOptions, user: &str, units: i64) -> Stack {
+    let stack = Stack::start_with(label, filter, &[]).await;
+    stack.seed_priced_model(MODEL, "0.002", "0.006").await;
+    stack
+        .admin
+        .grant(user, "text_token", units, &format!("grant-{user}"))
+        .await;
+    stack
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_under_a_lease_skip_the_sidecar_and_still_settle_one_by_one() {
+    let stack = started("lease-basic", FilterOptions::default(), "lena", 1_000_000).await;
+    for _ in 0..20 {
+        let reply = stack
+            .call("/v1/chat/completions", Some("lena"), &chat(100), &[])
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(
+        sidecar_authorizations(&stack).await,
+        1,
+        "one authorization, then the lease"
+    );
+    assert_eq!(stat(&stack, "leases_granted"), 1);
+    assert_eq!(stat(&stack, "lease_admissions"), 19);
+
+    let records = stack.wait_for_usage("lena", 20).await;
+    assert_eq!(records.len(), 20, "one usage record per call");
+    for record in &records {
+        assert_eq!(num(record, "units"), TOKENS_PER_CALL, "{record}");
+        assert!(
+            num(record, "held") >= 100,
+            "the call's share is recorded: {record}"
+        );
+        assert_eq!(record["status"], "settled", "{record}");
+        assert_eq!(record["estimated"], false, "{record}");
+    }
+    let quota = stack.admin.quota_released("lena", "text_token").await;
+    assert_eq!(
+        num(&quota, "held"),
+        0,
+        "the idle lease was released: {quota}"
+    );
+    assert_eq!(num(&quota, "used"), 20 * TOKENS_PER_CALL, "{quota}");
+    assert_eq!(
+        num(&quota, "remaining"),
+        1_000_000 - 20 * TOKENS_PER_CALL,
+        "{quota}"
+    );
+    assert!(stat(&stack, "leases_released") >= 1);
+    assert_reconciled(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_under_leases_never_overdraw() {
+    // Enough for a few dozen calls of 200 held units each, hammered by 80 at once.
+    let granted = 6_000;
+    let stack = Arc::new(started("lease-race", FilterOptions::default(), "omar", granted).await);
+    let mut calls = Vec::new();
+    for _ in 0..80 {
+        let stack = stack.clone();
+        calls.push(tokio::spawn(async move {
+            let script = [("x-script-delay-ms", "30")];
+            stack
+                .call("/v1/chat/completions", Some("omar"), &chat(190), &script)
+                .await
+                .status
+        }));
+    }
+    let (mut admitted, mut denied) = (0, 0);
+    for call in calls {
+        match call.await.expect("task") {
+            200 => admitted += 1,
+            429 => denied += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        admitted > 0 && denied > 0,
+        "the balance must bite: admitted {admitted}, denied {denied}"
+    );
+    let records = stack.wait_for_usage("omar", admitted).await;
+    assert_eq!(records.len(), admitted, "every admitted call settled once");
+    let quota = stack.admin.quota_released("omar", "text_token").await;
+    assert_eq!(num(&quota, "held"), 0, "{quota}");
+    assert_eq!(num(&quota, "debt"), 0, "{quota}");
+    assert_eq!(num(&quota, "used"), admitted as i64 * TOKENS_PER_CALL);
+    assert_eq!(
+        num(&quota, "remaining"),
+        granted - admitted as i64 * TOKENS_PER_CALL,
+        "{quota}"
+    );
+    assert_reconciled(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_keeps_admitting_while_the_sidecar_is_down_and_settles_after() {
+    let filter = FilterOptions {
+        lease_idle_ms: Some(60_000),
+        ..FilterOptions::default()
+    };
+    let mut stack = started("lease-outage", filter, "nina", 1_000_000).await;
+    let first = stack
+        .call("/v1/chat/completions", Some("nina"), &chat(100), &[])
+        .await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    stack.wait_for_usage("nina", 1).await;
+
+    stack.sidecar.kill();
+    for _ in 0..5 {
+        let reply = stack
+            .call("/v1/chat/completions", Some("nina"), &chat(100), &[])
+            .await;
+        assert_eq!(
+            reply.status,
+            200,
+            "admitted under the lease: {}",
+            reply.text()
+        );
+    }
+    // A caller without a lease is still refused (fail_closed).
+    let stranger = stack
+        .call("/v1/chat/completions", Some("otto"), &chat(100), &[])
+        .await;
+    assert_eq!(stranger.status, 503, "{}", stranger.text());
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.sidecar.restart();
+    let records = stack.wait_for_usage("nina", 6).await;
+    assert_eq!(records.len(), 6);
+    let quota = stack.admin.quota("nina", "text_token").await;
+    assert_eq!(num(&quota, "used"), 6 * TOKENS_PER_CALL, "{quota}");
+    assert!(num(&quota, "held") > 0, "the lease is still open: {quota}");
+    assert_reconciled(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_admits_nothing_and_a_new_one_is_granted() {
+    let filter = FilterOptions {
+        lease_ttl_ms: Some(300),
+        lease_idle_ms: Some(60_000),
+        ..FilterOptions::default()
+    };
+    let stack = started("lease-ttl", filter, "pia", 1_000_000).await;
+    for _ in 0..3 {
+        let reply = stack
+            .call("/v1/chat/completions", Some("pia"), &chat(100), &[])
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let reply = stack
+        .call("/v1/chat/completions", Some("pia"), &chat(100), &[])
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(stat(&stack, "leases_granted"), 2, "renewed after the TTL");
+    assert_eq!(sidecar_authorizations(&stack).await, 2);
+    stack.wait_for_usage("pia", 4).await;
+    let quota = stack.admin.quota_released("pia", "text_token").await;
+    assert_eq!(num(&quota, "held"), 0, "both leases released: {quota}");
+    assert_eq!(num(&quota, "used"), 4 * TOKENS_PER_CALL, "{quota}");
+    assert_reconciled(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_leases_off_every_call_is_authorized_on_its_own() {
+    let filter = FilterOptions {
+        lease_units: Some(0),
+        ..FilterOptions::default()
+    };
+    let stack = started("lease-off", filter, "quin", 1_000_000).await;
+    for _ in 0..3 {
+        let reply = stack
+            .call("/v1/chat/completions", Some("quin"), &chat(100), &[])
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(sidecar_authorizations(&stack).await, 3);
+    assert_eq!(stat(&stack, "lease_admissions"), 0);
+    stack.wait_for_usage("quin", 3).await;
+    let quota = stack.admin.quota("quin", "text_token").await;
+    assert_eq!(num(&quota, "held"), 0, "{quota}");
+    assert_reconciled(&stack).await;
+}
