@@ -18,6 +18,7 @@ pub struct Rejection {
 pub const CODE_MISSING_IDENTITY: &str = "missing_identity";
 pub const CODE_METERING_UNAVAILABLE: &str = "metering_unavailable";
 pub const CODE_DENIED: &str = "denied";
+pub const CODE_INVALID_REQUEST_ID: &str = "invalid_request_id";
 
 /// Header naming the rejection code, so operators can tell the filter's answers apart from
 /// the provider's.

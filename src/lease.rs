@@ -17,7 +17,7 @@
 //!
 //! Pure logic driven by timestamps: the host keeps one `LeaseBook` per VM (per Envoy worker).
 
-use llm_meter_protocol::{Caller, HoldMeasure, Lease, Usage};
+use llm_meter_protocol::{is_storable_key, Caller, HoldMeasure, Lease, Usage, LEASE_ID_PREFIX};
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,6 +276,22 @@ impl LeaseBook {
     }
 }
 
+/// Whether a call may be admitted under a lease at all: the sidecar would refuse its
+/// settlement (and the call would go unbilled) if its keys cannot be stored, so such a call
+/// is sent to the sidecar, which answers it with a clear denial instead.
+pub fn keys_settleable(request_id: &str, caller: &Caller, model: &str) -> bool {
+    let caller_ok = match caller {
+        Caller::UserId(user) => is_storable_key(user),
+        Caller::ApiKey(_) => true,
+    };
+    caller_ok && is_storable_key(model) && usable_request_id(request_id)
+}
+
+/// Whether the ledger can key a call's settlement by `request_id`.
+pub fn usable_request_id(request_id: &str) -> bool {
+    is_storable_key(request_id) && !request_id.starts_with(LEASE_ID_PREFIX)
+}
+
 /// Units a call used, by the lease's hold rule (what the ledger will charge in units).
 pub fn units_used(measure: HoldMeasure, usage: &Usage) -> u64 {
     match measure {
@@ -290,6 +306,7 @@ pub fn units_used(measure: HoldMeasure, usage: &Usage) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llm_meter_protocol::MAX_KEY_CHARS;
 
     const NOW: u64 = 1_000_000;
 
@@ -501,6 +518,19 @@ mod tests {
         assert_eq!(book.admit(&alice(), "busy", &size(1, Some(1)), NOW), None);
         assert!(book.finish(&busy, None, NOW));
         assert!(book.is_empty());
+    }
+
+    #[test]
+    fn calls_whose_settlement_the_ledger_would_refuse_are_never_leased() {
+        let long = "r".repeat(MAX_KEY_CHARS + 1);
+        assert!(keys_settleable("r-1", &alice(), "m"));
+        assert!(keys_settleable(&"r".repeat(MAX_KEY_CHARS), &alice(), "m"));
+        assert!(!keys_settleable(&long, &alice(), "m"));
+        assert!(!keys_settleable("", &alice(), "m"));
+        assert!(!keys_settleable("lease:r-1", &alice(), "m"));
+        assert!(!keys_settleable("r-1", &alice(), &long));
+        assert!(!keys_settleable("r-1", &Caller::UserId(long.clone()), "m"));
+        assert!(keys_settleable("r-1", &Caller::ApiKey(long), "m"));
     }
 
     #[test]

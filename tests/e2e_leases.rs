@@ -237,3 +237,29 @@ async fn with_leases_off_every_call_is_authorized_on_its_own() {
     assert_eq!(num(&quota, "held"), 0, "{quota}");
     assert_reconciled(&stack).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_settlement_would_be_refused_is_never_admitted_under_a_lease() {
+    let stack = started("lease-keys", FilterOptions::default(), "rita", 1_000_000).await;
+    let first = stack
+        .call("/v1/chat/completions", Some("rita"), &chat(100), &[])
+        .await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    // A request id the ledger cannot key a settlement by: the lease must not admit it
+    // (it would run unbilled); the filter refuses it with a clear 400.
+    let long_id = "x".repeat(300);
+    for forged in ["lease:forged", long_id.as_str()] {
+        let reply = stack
+            .call(
+                "/v1/chat/completions",
+                Some("rita"),
+                &chat(100),
+                &[("x-request-id", forged)],
+            )
+            .await;
+        assert_eq!(reply.status, 400, "{}", reply.text());
+        assert_eq!(reply.json()["error"]["code"], "invalid_request_id");
+    }
+    assert_eq!(stack.upstream.request_count(), 1, "only the first call ran");
+    assert_eq!(stat(&stack, "lease_admissions"), 0);
+}

@@ -390,7 +390,9 @@ fn render_proxy(out: &mut String, results: &Results) {
          Closed loop: `wrk`, 1 thread, 32 connections, requests spread over 1000 users. Open loop: a fixed \
          rate of half of plain Envoy's closed-loop capacity ({:.0} req/s non-streamed, {:.0} req/s streamed) on \
          64 connections, latency to the last byte, coordinated omission corrected. CPU per request is each \
-         process's user+system time during the closed loop divided by the requests served.\n",
+         process's user+system time during the closed loop divided by the requests served. Throughput counts \
+         only answers served (2xx): a call the filter refuses (503 when its settlement outbox is nearly full) \
+         is in the errors column, not in the rate.\n",
         proxy.rounds,
         STREAM_CHUNKS * TOKENS_PER_CHUNK,
         proxy.json_rate,
@@ -410,7 +412,7 @@ fn render_proxy(out: &mut String, results: &Results) {
         };
         let _ = writeln!(
             out,
-            "| variant | closed loop {unit} (median) | vs plain (median of per-round ratios) | wrk p50 / p99 | open loop p50 / p99 / p99.9 | added p50 / p99 / p99.9 | errors | Envoy CPU/req | sidecar CPU/req |"
+            "| variant | closed loop {unit} served (median) | vs plain (median of per-round ratios) | wrk p50 / p99 | open loop p50 / p99 / p99.9 | added p50 / p99 / p99.9 | errors | Envoy CPU/req | sidecar CPU/req |"
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
         for run in &proxy.runs {
@@ -805,6 +807,7 @@ fn render_bounds(out: &mut String, proxy: Option<&ProxySection>, verdicts: &[Ver
                 parts.join("; ")
             );
         }
+        render_cpu_budget(out, proxy);
         out.push('\n');
     }
     if let Some(proxy) = proxy {
@@ -835,6 +838,37 @@ fn render_bounds(out: &mut String, proxy: Option<&ProxySection>, verdicts: &[Ver
         out.push_str(text.trim());
         out.push_str("\n\n");
     }
+}
+
+/// What the non-streamed target would cost in CPU: Envoy runs one worker, so its CPU per
+/// request times the target rate must fit in one core, and the sidecar shares the other
+/// core with the load generator and the upstream.
+fn render_cpu_budget(out: &mut String, proxy: &ProxySection) {
+    let Some(plain) = plain(proxy) else {
+        return;
+    };
+    let target_rate = plain.shape(false).median_rps() * 0.5;
+    for run in proxy
+        .runs
+        .iter()
+        .filter(|r| r.shape(false).sidecar_cpu_us.is_some())
+    {
+        let figures = run.shape(false);
+        let envoy_cores = figures.envoy_cpu_us * target_rate / 1e6;
+        let sidecar_cores = figures.sidecar_cpu_us.unwrap_or(0.0) * target_rate / 1e6;
+        let _ = writeln!(
+            out,
+            "- CPU budget of the non-streamed target for {}{}: at 0.5x plain Envoy ({target_rate:.0} req/s) \
+             Envoy's single worker would need {envoy_cores:.2} of a core ({:.0} µs/req) and the sidecar \
+             {sidecar_cores:.2} of a core beside the load generator and the upstream; the worker's \
+             budget is {:.0} µs/req.",
+            run.label,
+            run.backend.map_or(String::new(), |b| format!(" ({b})")),
+            figures.envoy_cpu_us,
+            1e6 / target_rate.max(1.0),
+        );
+    }
+    out.push('\n');
 }
 
 fn render_method(out: &mut String) {

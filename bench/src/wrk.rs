@@ -14,6 +14,8 @@ use crate::stream::chat_request_body;
 pub struct ClosedLoop {
     pub requests: u64,
     pub seconds: f64,
+    /// Answers served (2xx/3xx) per second: a refusal (e.g. the filter's 503 under
+    /// backpressure) is fast and must not count as throughput.
     pub requests_per_s: f64,
     /// Answers that were not 2xx/3xx.
     pub non_2xx: u64,
@@ -91,12 +93,15 @@ fn parse_summary(stdout: &str) -> Option<ClosedLoop> {
     };
     let requests = field("requests")?;
     let seconds = field("duration_us")? as f64 / 1e6;
+    let non_2xx = field("non2xx")?;
+    let socket_errors = field("socket_errors")?;
+    let served = requests.saturating_sub(non_2xx);
     Some(ClosedLoop {
         requests,
         seconds,
-        requests_per_s: requests as f64 / seconds.max(1e-9),
-        non_2xx: field("non2xx")?,
-        socket_errors: field("socket_errors")?,
+        requests_per_s: served as f64 / seconds.max(1e-9),
+        non_2xx,
+        socket_errors,
         p50_us: field("p50")?,
         p99_us: field("p99")?,
     })
@@ -111,7 +116,7 @@ mod tests {
         let out = "Running 1s test\nBENCH requests=1500 duration_us=1000000 non2xx=3 socket_errors=1 p50=800 p99=2100\n";
         let parsed = parse_summary(out).expect("parsed");
         assert_eq!(parsed.requests, 1500);
-        assert_eq!(parsed.requests_per_s, 1500.0);
+        assert_eq!(parsed.requests_per_s, 1497.0, "refusals are not throughput");
         assert_eq!(parsed.non_2xx, 3);
         assert_eq!(parsed.p99_us, 2100);
     }

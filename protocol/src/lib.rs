@@ -106,6 +106,17 @@ impl HoldMeasure {
     }
 }
 
+/// Every lease id starts with this; a call's request id never may.
+pub const LEASE_ID_PREFIX: &str = "lease:";
+
+/// Longest identifier the ledger stores (request ids, user ids, models: `VARCHAR(191)`).
+pub const MAX_KEY_CHARS: usize = 191;
+
+/// Whether the ledger can store `value` as a key: 1 to [`MAX_KEY_CHARS`] characters.
+pub fn is_storable_key(value: &str) -> bool {
+    !value.is_empty() && value.chars().count() <= MAX_KEY_CHARS
+}
+
 /// Units held in the ledger for one caller and model, from which the filter admits calls
 /// without asking the sidecar again. The lease is an ordinary hold in the ledger: units in
 /// it are reserved exactly as a call's hold is, so local admission can never overdraw.

@@ -3,9 +3,9 @@
 
 use super::root::Shared;
 use super::unix_ms;
-use crate::errors::{Rejection, CODE_MISSING_IDENTITY};
+use crate::errors::{Rejection, CODE_INVALID_REQUEST_ID, CODE_MISSING_IDENTITY};
 use crate::format::ProviderFormat;
-use crate::lease::CallSize;
+use crate::lease::{self, CallSize};
 use crate::lifecycle::{self, Admission, CallRecord, Ending, ObservedResponse};
 use crate::meter::{MeterLimits, ResponseMeter};
 use crate::request::{self, MeteredRequest, RequestError, RequestHints};
@@ -148,7 +148,11 @@ impl MeterHttp {
             requested_images: request.requested_images,
         };
         let now = self.now_ms();
-        if let Some(ticket) = shared.admit_from_lease(&pending.caller, &request.model, &size, now) {
+        let leasable = lease::keys_settleable(&pending.request_id, &pending.caller, &request.model);
+        let ticket = leasable
+            .then(|| shared.admit_from_lease(&pending.caller, &request.model, &size, now))
+            .flatten();
+        if let Some(ticket) = ticket {
             return self.admit(shared, pending, request, Admission::Leased(ticket), false);
         }
         let lease = shared.wants_lease().then_some(LeaseAsk {
@@ -421,6 +425,17 @@ impl HttpContext for MeterHttp {
             return Action::Continue;
         };
         let request_id = self.request_id();
+        if !lease::usable_request_id(&request_id) {
+            // The ledger could not key this call's settlement: it would run unbilled.
+            shared.metrics.rejected_requests.inc();
+            let rejection = Rejection::new(
+                400,
+                CODE_INVALID_REQUEST_ID,
+                "x-request-id must be 1-191 characters and must not start with `lease:`",
+            );
+            self.reject(format, "", &rejection);
+            return Action::Pause;
+        }
         let user_id = config
             .user_id_header
             .as_deref()
