@@ -14,8 +14,12 @@ export PATH := $(HOME)/.cargo/bin:$(HOME)/.local/bin:$(PATH)
 tools:
 	@bash scripts/install-tools.sh
 
+# The filter is small and loaded by every Envoy worker: build it with fat LTO, one unit.
+WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
+export WASM_PROFILE
+
 wasm: tools
-	$(CARGO) build --release --target $(WASM_TARGET) -p llm-meter-filter
+	$(WASM_PROFILE) $(CARGO) build --release --target $(WASM_TARGET) -p llm-meter-filter
 	@ls -l $(WASM) | awk '{print "filter module: " $$9 " (" $$5 " bytes)"}'
 
 build: wasm

@@ -19,7 +19,8 @@ fi
 start=$(date +%s)
 # One cargo invocation per target, so shared dependencies are built once with one feature set.
 cargo build --release -p llm-meter-sidecar -p llm-meter-bench
-cargo build --release --target wasm32-wasip1 \
+env ${WASM_PROFILE:-CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1} \
+    cargo build --release --target wasm32-wasip1 \
     -p llm-meter-filter -p llm-meter-bench-filter -p llm-meter-bench --bin llm-meter-bench-core \
     --lib
 echo "bench: built in $(( $(date +%s) - start )) s"

@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --target wasm32-wasip1 -p llm-meter-filter
+env ${WASM_PROFILE:-CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1} \
+    cargo build --release --target wasm32-wasip1 -p llm-meter-filter
 cargo build --release -p llm-meter-sidecar
 export LLM_METER_SIDECAR_BIN="$(pwd)/target/release/llm-meter-sidecar"
 export SOAK_REPORT="${SOAK_REPORT:-$(pwd)/BENCHMARKS.md}"
