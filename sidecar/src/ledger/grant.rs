@@ -330,6 +330,7 @@ impl Ledger {
             units,
             entry,
             now,
+            None,
         )
         .await?;
         save_account_in(&mut batch, &account, now);

@@ -757,3 +757,61 @@ async fn a_void_of_an_authorization_whose_answer_was_lost_releases_its_lease() {
         assert_clean(l).await;
     }
 }
+
+/// A finalize batch of calls under two users' leases, a retry and a call under a lease of
+/// another caller: held-back writes of one settlement are applied before another reads
+/// the same lease or account, so every unit is accounted for once.
+#[tokio::test]
+async fn a_finalize_batch_under_leases_charges_each_call_once() {
+    use llm_meter_protocol::Finalize;
+    for t in each_backend().await {
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        seed_catalog(&t.db).await;
+        let b = t.backend;
+        let mut leases = Vec::new();
+        for user in ["v", "w"] {
+            let source = format!("p-{user}");
+            l.grant(&grant_req(user, 100_000, &source)).await.unwrap();
+            let granted = l
+                .authorize(&lease_auth(&format!("{user}-0"), user, 100, 100, 10_000))
+                .await
+                .unwrap();
+            leases.push(lease_of(&granted).lease_id.clone());
+        }
+        let call = |user: &str, n: u32, lease: &str| {
+            Finalize::Settle(under(
+                lease,
+                200,
+                settle_req(&format!("{user}-{n}"), user, 100, 50),
+            ))
+        };
+        let items = vec![
+            call("v", 0, &leases[0]),
+            call("w", 0, &leases[1]),
+            call("v", 1, &leases[0]),
+            call("v", 0, &leases[0]),
+            call("w", 1, &leases[1]),
+            // Another caller naming w's lease: refused, nothing charged.
+            call("v", 2, &leases[1]),
+        ];
+        let results = l.finalize(&items).await;
+        let status = |i: usize| results[i].as_ref().map(|r| r.status).ok();
+        let statuses: Vec<_> = (0..5).map(status).collect();
+        use SettleStatus::{AlreadySettled, Settled};
+        let expected = [Settled, Settled, Settled, AlreadySettled, Settled];
+        assert_eq!(statuses, expected.map(Some), "{b:?}");
+        assert!(
+            matches!(results[5], Err(LedgerError::Conflict(_))),
+            "{b:?}: {:?}",
+            results[5]
+        );
+        for (user, lease) in ["v", "w"].iter().zip(&leases) {
+            assert_eq!(lease_row(&t.db, lease).await.0, 10_000 - 300, "{b:?}");
+            let after = balance(l, user).await;
+            assert_eq!((after.held, after.used), (9_700, 300), "{b:?} {user}");
+        }
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}

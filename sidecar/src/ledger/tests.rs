@@ -1617,3 +1617,114 @@ async fn a_grant_waits_for_the_account_before_writing_its_lot() {
         t.cleanup().await;
     }
 }
+
+/// In one group, settlements hold their writes back; one that reads an account, hold or
+/// usage record those writes change (same user, a retry, a caller naming another user's
+/// hold, a settlement without a hold) sees them applied first.
+#[tokio::test]
+async fn deferred_settlements_see_the_writes_of_their_group() {
+    use llm_meter_protocol::Finalize;
+    for t in each_backend().await {
+        seed_catalog(&t.db).await;
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        for user in ["d1", "d2", "d3"] {
+            l.grant(&grant_req(user, 10_000, &format!("g-{user}")))
+                .await
+                .unwrap();
+        }
+        for (id, user) in [
+            ("d1-a", "d1"),
+            ("d1-b", "d1"),
+            ("d2-a", "d2"),
+            ("d2-b", "d2"),
+        ] {
+            l.authorize(&auth(id, user, 100, 100)).await.unwrap();
+        }
+        let mut other_caller = settle_req("d2-b", "d3", 1, 1);
+        other_caller.authorized = true;
+        let items = vec![
+            Finalize::Settle(settle_req("d1-a", "d1", 100, 20)),
+            Finalize::Settle(settle_req("d2-a", "d2", 50, 10)),
+            Finalize::Settle(settle_req("d1-b", "d1", 10, 10)),
+            Finalize::Settle(settle_req("d1-a", "d1", 100, 20)),
+            Finalize::Settle(other_caller),
+            Finalize::Settle(settle_req("d3-direct", "d3", 5, 5)),
+            Finalize::Settle(settle_req("d3-direct", "d3", 5, 5)),
+        ];
+        let results = l.finalize(&items).await;
+        let backend = t.backend;
+        let status = |i: usize| results[i].as_ref().map(|r| r.status).ok();
+        let statuses: Vec<_> = (0..items.len()).map(status).collect();
+        use SettleStatus::{AlreadySettled, Settled};
+        let expected = [
+            Settled,
+            Settled,
+            Settled,
+            AlreadySettled,
+            Settled,
+            Settled,
+            AlreadySettled,
+        ];
+        assert_eq!(statuses, expected.map(Some), "{backend:?}");
+        for (user, charged) in [("d1", 140), ("d2", 62), ("d3", 10)] {
+            let b = l.balance(user, "text_token").await.unwrap().unwrap();
+            assert_eq!(
+                (b.remaining, b.held),
+                (10_000 - charged, 0),
+                "{backend:?} {user}"
+            );
+        }
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}
+
+/// A held-back write that fails fails the group's first attempt; the attempt with a
+/// savepoint per operation then answers the failing settlement alone and commits the rest.
+#[tokio::test]
+async fn a_failing_deferred_write_fails_only_its_own_settlement() {
+    use llm_meter_protocol::Finalize;
+    for t in each_backend().await {
+        seed_catalog(&t.db).await;
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        for user in ["e1", "e2"] {
+            l.grant(&grant_req(user, 10_000, &format!("g-{user}")))
+                .await
+                .unwrap();
+        }
+        l.authorize(&auth("e1-a", "e1", 100, 100)).await.unwrap();
+        l.authorize(&auth("e2-a", "e2", 100, 100)).await.unwrap();
+        l.settle(&settle_req("e2-a", "e2", 10, 10)).await.unwrap();
+        // A broken row: e2-a is settled (usage record written) yet its hold reads as held,
+        // so settling it again inserts a second usage record and fails.
+        exec(
+            &t.db,
+            "UPDATE ledger_holds SET status = 'held' WHERE request_id = 'e2-a'",
+        )
+        .await;
+        exec(
+            &t.db,
+            "UPDATE ledger_accounts SET held = held + 200 WHERE user_id = 'e2'",
+        )
+        .await;
+        let items = vec![
+            Finalize::Settle(settle_req("e1-a", "e1", 100, 20)),
+            Finalize::Settle(settle_req("e2-a", "e2", 10, 10)),
+        ];
+        let results = l.finalize(&items).await;
+        let backend = t.backend;
+        assert_eq!(
+            results[0].as_ref().map(|r| r.status).ok(),
+            Some(SettleStatus::Settled),
+            "{backend:?}"
+        );
+        assert!(results[1].is_err(), "{backend:?}: {:?}", results[1]);
+        let b = l.balance("e1", "text_token").await.unwrap().unwrap();
+        assert_eq!((b.remaining, b.held), (10_000 - 120, 0), "{backend:?}");
+        let b = l.balance("e2", "text_token").await.unwrap().unwrap();
+        assert_eq!((b.remaining, b.held), (10_000 - 20, 200), "{backend:?}");
+        t.cleanup().await;
+    }
+}
