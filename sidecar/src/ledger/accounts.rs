@@ -168,17 +168,12 @@ pub(super) fn save_account_in(batch: &mut Batch, account: &Account, now: i64) {
 const BURN_ORDER: &str =
     "priority, CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, created_at, id";
 
-/// [`BURN_ORDER`] over the lots of a query where `quota_lots` is aliased `l`.
-pub(super) const BURN_ORDER_OF_L: &str =
-    "l.priority, CASE WHEN l.expires_at IS NULL THEN 1 ELSE 0 END, l.expires_at, l.created_at, l.id";
-
-/// An open lot as read under its account's lock.
-pub(super) struct LotRow {
-    pub id: i64,
-    pub status: String,
-    pub remaining: i64,
-    pub effective_from: i64,
-    pub expires_at: Option<i64>,
+struct LotRow {
+    id: i64,
+    status: String,
+    remaining: i64,
+    effective_from: i64,
+    expires_at: Option<i64>,
 }
 
 async fn open_lots(
@@ -400,10 +395,8 @@ async fn take_from_lot(
 }
 
 /// Burns `units` from the account's active lots in burn order (one `kind` row per lot).
-/// The lot updates are queued into `batch`; the lots were read under the account lock
-/// (`active_lots`: already read in this transaction, active with units left, in burn
-/// order, and unchanged since), and the `remaining >= 0` check constraint guards the
-/// arithmetic.
+/// The lot updates are queued into `batch`; the lots were read under the account lock, and
+/// the `remaining >= 0` check constraint guards the arithmetic.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn burn(
     db: &Db,
@@ -414,17 +407,12 @@ pub(super) async fn burn(
     units: i64,
     (kind, request_id): (&'static str, &str),
     now: i64,
-    active_lots: Option<Vec<LotRow>>,
 ) -> Result<(), LedgerError> {
     if units <= 0 {
         return Ok(());
     }
-    let lots = match active_lots {
-        Some(lots) => lots,
-        None => open_lots(db, conn, account, true).await?,
-    };
     let mut left = units;
-    for lot in lots {
+    for lot in open_lots(db, conn, account, true).await? {
         let take = left.min(lot.remaining);
         batch.push(
             "UPDATE quota_lots SET remaining = remaining - ?, used = used + ?, updated_at = ? \

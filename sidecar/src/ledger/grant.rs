@@ -330,7 +330,6 @@ impl Ledger {
             units,
             entry,
             now,
-            None,
         )
         .await?;
         save_account_in(&mut batch, &account, now);

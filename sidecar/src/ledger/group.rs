@@ -13,17 +13,10 @@
 //! again with a savepoint around each operation, so the failing one is answered with its
 //! own error and the others still commit. A retried request inside the same group sees
 //! the first one's uncommitted rows on the group's connection and gets the same answer.
-//! Deferred writes (SQLite): in the first attempt, a settlement's writes are not applied
-//! at once but held back in a [`Deferred`] batch that the whole group applies in one round
-//! trip before committing. An operation that would read a row a held-back write changes (same
-//! user's account, lots and daily costs, or same request id) flushes the batch first, so
-//! every operation still sees the effects of those before it. The savepoint attempt defers
-//! nothing, so a failing held-back statement is still answered on its own operation.
 //! Submissions are sorted by user so that groups of different processes lock accounts in
 //! the same order (PostgreSQL/MySQL row locks), which keeps deadlocks between them rare;
 //! a deadlock that still happens fails an attempt and is retried like any transient error.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 
 use llm_meter_protocol::{
@@ -35,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::authorize::Admission;
 use super::{Inner, Ledger, LedgerError};
-use crate::storage::{is_unique_violation, Batch, Dialect};
+use crate::storage::{is_unique_violation, Dialect};
 
 /// Most operations one transaction applies (also keeps PostgreSQL under its 64 cached
 /// subtransactions when a group has to run with savepoints).
@@ -97,50 +90,13 @@ impl Op {
         }
     }
 
-    /// Whether the operation may hold its writes back in a [`Deferred`] batch: a
-    /// settlement, whose reads [`Ledger::settle_on`] keeps fresh.
-    fn can_defer(&self) -> bool {
-        matches!(self, Op::Settle(_))
-    }
-
-    /// Whether the operation may run while `deferred` holds writes back: it must not read
-    /// any row they change. Voids and releases read rows of users only known once read.
-    fn runs_beside(&self, deferred: &Deferred) -> bool {
-        match self {
-            Op::Reserve { req, admission } => {
-                !deferred.touches_user(&admission.user_id)
-                    && !deferred.touches_request(&req.request_id)
-            }
-            Op::Settle(req) => {
-                let caller_clear = match &req.caller {
-                    Caller::UserId(user) => !deferred.touches_user(user),
-                    Caller::ApiKey(_) => true,
-                };
-                let lease_clear = req
-                    .lease_id
-                    .as_ref()
-                    .is_none_or(|lease| !deferred.touches_request(lease));
-                caller_clear && lease_clear && !deferred.touches_request(&req.request_id)
-            }
-            Op::Void(_) | Op::Release(_) => false,
-        }
-    }
-
-    async fn apply(
-        &self,
-        ledger: &Ledger,
-        conn: &mut AnyConnection,
-        deferred: Option<&mut Deferred>,
-    ) -> Result<Done, LedgerError> {
+    async fn apply(&self, ledger: &Ledger, conn: &mut AnyConnection) -> Result<Done, LedgerError> {
         match self {
             Op::Reserve { req, admission } => ledger
                 .reserve_on(conn, req, admission)
                 .await
                 .map(Done::Authorized),
-            Op::Settle(req) => ledger
-                .settle_on(conn, req, deferred)
-                .await
-                .map(Done::Settled),
+            Op::Settle(req) => ledger.settle_on(conn, req).await.map(Done::Settled),
             Op::Void(req) => ledger.void_on(conn, req).await.map(Done::Voided),
             Op::Release(req) => ledger.release_lease_on(conn, req).await.map(Done::Released),
         }
@@ -289,28 +245,14 @@ async fn attempt(
         .await
         .map_err(|e| Failure::Group(e.into()))?;
     let mut results = Vec::with_capacity(ops.len());
-    let dialect = ledger.db().dialect();
-    let mut deferred = Deferred::default();
-    // SQLite only: there every statement is a hop to the connection's worker thread. On
-    // PostgreSQL a group's writes make one large statement of a new shape each time,
-    // parsed and planned anew, which measured slower than a batch per settlement; MySQL
-    // groups hold one operation.
-    let defer_writes = !savepoints && dialect == Dialect::Sqlite;
     for op in ops {
-        if !op.runs_beside(&deferred) {
-            if let Err(e) = deferred.flush(dialect, tx.conn()).await {
-                let _ = tx.rollback().await;
-                return Err(Failure::Op(e.into()));
-            }
-        }
-        let defer = (defer_writes && op.can_defer()).then_some(&mut deferred);
         if savepoints {
             if let Err(e) = tx.conn().execute("SAVEPOINT ledger_op").await {
                 let _ = tx.rollback().await;
                 return Err(Failure::Group(e.into()));
             }
         }
-        let result = op.apply(ledger, tx.conn(), defer).await;
+        let result = op.apply(ledger, tx.conn()).await;
         let result = match result {
             Ok(done) if savepoints => {
                 match tx.conn().execute("RELEASE SAVEPOINT ledger_op").await {
@@ -346,12 +288,6 @@ async fn attempt(
             }
         };
         results.push(result);
-    }
-    // A failing held-back write fails the attempt; the savepoint attempt then finds its
-    // operation.
-    if let Err(e) = deferred.flush(dialect, tx.conn()).await {
-        let _ = tx.rollback().await;
-        return Err(Failure::Op(e.into()));
     }
     tx.commit().await.map_err(|e| Failure::Group(e.into()))?;
     Ok(results)
@@ -392,47 +328,5 @@ fn copy_error(error: &LedgerError) -> LedgerError {
         LedgerError::Db(E::Protocol(message)) => LedgerError::Db(E::Protocol(message.clone())),
         LedgerError::Busy(message) => LedgerError::Busy(message.clone()),
         other => LedgerError::Busy(format!("the group transaction failed: {other}")),
-    }
-}
-
-/// Writes of a group's settlements held back to be applied in one round trip (see the
-/// module documentation), with the users and request ids whose rows they change.
-#[derive(Default)]
-pub(super) struct Deferred {
-    batch: Batch,
-    users: HashSet<String>,
-    requests: HashSet<String>,
-}
-
-impl Deferred {
-    /// True when held-back writes change `user`'s account, lots or daily costs.
-    pub fn touches_user(&self, user: &str) -> bool {
-        self.users.contains(user)
-    }
-
-    /// True when held-back writes change the hold or usage record of `request_id`.
-    pub fn touches_request(&self, request_id: &str) -> bool {
-        self.requests.contains(request_id)
-    }
-
-    /// Holds `batch` back; it changes rows of `users` and `requests` only.
-    pub fn hold(&mut self, batch: Batch, users: &[&str], requests: &[&str]) {
-        self.batch.append(batch);
-        self.users.extend(users.iter().map(|u| u.to_string()));
-        self.requests.extend(requests.iter().map(|r| r.to_string()));
-    }
-
-    /// Applies the held-back writes now.
-    pub async fn flush(
-        &mut self,
-        dialect: Dialect,
-        conn: &mut AnyConnection,
-    ) -> Result<(), sqlx::Error> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        self.users.clear();
-        self.requests.clear();
-        std::mem::take(&mut self.batch).execute(dialect, conn).await
     }
 }

@@ -30,9 +30,9 @@ use super::accounts::{
     Journal,
 };
 use super::authorize::{allow, quota_denial, Admission};
-use super::group::{Deferred, Done, Op};
+use super::group::{Done, Op};
 use super::settle::{
-    load_hold, load_lease_for_call, measure, push_usage, read_hold, usage_record_status, Release,
+    load_hold, measure, push_usage, read_hold, usage_record_exists, usage_record_status, Release,
     Settlement, UsageRow,
 };
 use super::{check_key, to_i64, Ledger, LedgerError};
@@ -287,32 +287,17 @@ impl Ledger {
     }
 
     /// Settles a call admitted under `lease_id`; None when there is no such lease (the
-    /// caller then settles it like a call without a hold). With `deferred`, see
-    /// [`Ledger::settle_on`].
+    /// caller then settles it like a call without a hold).
     pub(super) async fn settle_under_lease_on(
         &self,
         conn: &mut AnyConnection,
         req: &SettleRequest,
         lease_id: &str,
-        mut deferred: Option<&mut Deferred>,
     ) -> Result<Option<SettleResponse>, LedgerError> {
-        let (mut lease, mut account, mut recorded) =
-            load_lease_for_call(self, conn, lease_id, &req.request_id).await?;
-        if let Some(deferred) = deferred.as_deref_mut() {
-            // The lease's account has writes held back: read it again once they apply.
-            if lease
-                .as_ref()
-                .is_some_and(|l| deferred.touches_user(&l.user_id))
-            {
-                deferred.flush(self.db().dialect(), conn).await?;
-                (lease, account, recorded) =
-                    load_lease_for_call(self, conn, lease_id, &req.request_id).await?;
-            }
-        }
-        if recorded {
+        if usage_record_exists(self, conn, &req.request_id).await? {
             return self.replay_settlement_on(conn, req).await.map(Some);
         }
-        let Some(lease) = lease else {
+        let (Some(lease), account) = load_hold(self, conn, lease_id).await? else {
             return Ok(None);
         };
         if !lease.is_lease() {
@@ -350,9 +335,8 @@ impl Ledger {
             measured,
             held: to_i64(req.held, "held")?,
             lease_id: Some(lease_id),
-            active_lots: None,
         };
-        self.record_settlement(conn, settlement, batch, now, deferred)
+        self.record_settlement(conn, settlement, batch, now)
             .await
             .map(Some)
     }

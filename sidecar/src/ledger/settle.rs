@@ -8,16 +8,13 @@ use llm_meter_protocol::{
 };
 use sqlx::{AnyConnection, Row};
 
-use super::accounts::{
-    burn, lock_account, refresh_lots, save_account_in, Account, Entry, Journal, LotRow,
-    BURN_ORDER_OF_L,
-};
+use super::accounts::{burn, lock_account, refresh_lots, save_account_in, Account, Entry, Journal};
 use super::authorize::MAX_UNITS_PER_CALL;
-use super::group::{Deferred, Done, Op};
+use super::group::{Done, Op};
 use super::lease::{is_lease_key, LEASE_PREFIX};
 use super::{backoff, check_key, retryable, to_i64, Ledger, LedgerError, MAX_ATTEMPTS};
 use crate::pricing::{format_micros, Cost, Measure, PriceVersion};
-use crate::storage::{Batch, Dialect, Value};
+use crate::storage::{Batch, Value};
 
 /// A hold row as read (and locked) inside a transaction.
 pub(super) struct Hold {
@@ -91,8 +88,6 @@ pub(super) struct Settlement<'a> {
     pub held: i64,
     /// The lease the call ran under, noted on its release journal row.
     pub lease_id: Option<&'a str>,
-    /// The account's active lots when already read with the hold (see [`burn`]).
-    pub active_lots: Option<Vec<LotRow>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -211,20 +206,14 @@ impl Ledger {
         .await
     }
 
-    /// Settles inside the caller's write transaction (see [`Ledger::settle`]). With
-    /// `deferred`, the settlement's writes are held back there (the group applies them),
-    /// and writes already held back are applied first when this settlement reads their rows;
-    /// the group has checked the request id and the caller's user already.
+    /// Settles inside the caller's write transaction (see [`Ledger::settle`]).
     pub(super) async fn settle_on(
         &self,
         conn: &mut AnyConnection,
         req: &SettleRequest,
-        mut deferred: Option<&mut Deferred>,
     ) -> Result<SettleResponse, LedgerError> {
         if let Some(lease_id) = &req.lease_id {
-            let under_lease =
-                self.settle_under_lease_on(conn, req, lease_id, deferred.as_deref_mut());
-            if let Some(answer) = under_lease.await? {
+            if let Some(answer) = self.settle_under_lease_on(conn, req, lease_id).await? {
                 return Ok(answer);
             }
             // An unknown lease: the call did run, so it is charged like one without a hold.
@@ -233,21 +222,7 @@ impl Ledger {
         }
         let db = self.db();
         let now = self.now();
-        let (mut hold, mut account, mut active_lots) =
-            load_hold_and_lots(self, conn, &req.request_id).await?;
-        if let Some(deferred) = deferred.as_deref_mut() {
-            // The hold's account may differ from the caller's; a stale read is read again.
-            let stale = hold
-                .as_ref()
-                .is_none_or(|h| deferred.touches_user(&h.user_id));
-            if stale {
-                deferred.flush(db.dialect(), conn).await?;
-                if hold.is_some() {
-                    (hold, account, active_lots) =
-                        load_hold_and_lots(self, conn, &req.request_id).await?;
-                }
-            }
-        }
+        let (hold, account) = load_hold(self, conn, &req.request_id).await?;
         let late = hold.as_ref().is_some_and(|h| h.status == "expired");
         let target = match hold {
             Some(h) if h.is_lease() => {
@@ -310,10 +285,8 @@ impl Ledger {
             measured,
             held: target.release,
             lease_id: None,
-            active_lots,
         };
-        self.record_settlement(conn, settlement, batch, now, deferred)
-            .await
+        self.record_settlement(conn, settlement, batch, now).await
     }
 
     /// Charges a measured settlement and records it (usage record, daily costs, journal),
@@ -324,7 +297,6 @@ impl Ledger {
         settlement: Settlement<'_>,
         mut batch: Batch,
         now: i64,
-        deferred: Option<&mut Deferred>,
     ) -> Result<SettleResponse, LedgerError> {
         let Settlement {
             req,
@@ -333,7 +305,6 @@ impl Ledger {
             measured,
             held,
             lease_id,
-            active_lots,
         } = settlement;
         let mut journal = Journal::default();
         let to_charge = Charge {
@@ -342,7 +313,6 @@ impl Ledger {
             units: measured.units,
             request_id: &req.request_id,
             memo: lease_id,
-            active_lots,
         };
         let (charged, debt) = charge(self, conn, &mut batch, to_charge, &mut journal, now).await?;
         let ended_at = match req.ended_at_ms.and_then(|t| i64::try_from(t).ok()) {
@@ -372,19 +342,7 @@ impl Ledger {
         push_usage(self, &mut batch, &row, target.price.is_none(), now);
         push_daily_cost(self, &mut batch, &row, now);
         journal.into_batch(&mut batch, now);
-        match deferred {
-            Some(deferred) => {
-                let caller = match &req.caller {
-                    Caller::UserId(user) => user.as_str(),
-                    Caller::ApiKey(_) => "",
-                };
-                let users = [target.user_id.as_str(), caller];
-                let mut requests = vec![req.request_id.as_str()];
-                requests.extend(lease_id);
-                deferred.hold(batch, &users, &requests);
-            }
-            None => batch.execute(self.db().dialect(), conn).await?,
-        }
+        batch.execute(self.db().dialect(), conn).await?;
         if debt > 0 {
             tracing::warn!(request_id = %req.request_id, user = %target.user_id,
                 quota_type = %target.quota_type, debt, "usage exceeded the balance; recorded as debt");
@@ -980,115 +938,6 @@ pub(super) async fn load_hold(
     Ok((Some(hold), Some(account)))
 }
 
-/// Like [`load_hold`] for a lease, also telling whether the call `call_id` has a usage
-/// record already (a retried settlement under the lease); when it has, the lease is not
-/// read. One round trip on SQLite; elsewhere the record is looked up first, so that a
-/// retry takes no row locks (locking the lease and its account for retries too made
-/// deadlocks between group transactions of one hot lease frequent on PostgreSQL).
-pub(super) async fn load_lease_for_call(
-    ledger: &Ledger,
-    conn: &mut AnyConnection,
-    lease_id: &str,
-    call_id: &str,
-) -> Result<(Option<Hold>, Option<Account>, bool), LedgerError> {
-    let db = ledger.db();
-    if db.dialect() != Dialect::Sqlite {
-        if usage_record_exists(ledger, conn, call_id).await? {
-            return Ok((None, None, true));
-        }
-        let (hold, account) = load_hold(ledger, conn, lease_id).await?;
-        return Ok((hold, account, false));
-    }
-    let sql = "SELECT h.user_id, h.quota_type, h.provider, h.model, h.amount, \
-        h.price_version_id, h.priced, h.status, h.created_at, h.kind, a.balance, a.held, \
-        a.debt, a.next_event_at, (SELECT COUNT(*) FROM usage_records u WHERE u.request_id = ?) \
-        FROM ledger_holds h JOIN ledger_accounts a \
-        ON a.user_id = h.user_id AND a.quota_type = h.quota_type WHERE h.request_id = ?";
-    let row = sqlx::query(sql)
-        .bind(call_id)
-        .bind(lease_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(row) = row else {
-        if usage_record_exists(ledger, conn, call_id).await? {
-            return Ok((None, None, true));
-        }
-        let (hold, account) = load_orphan_hold(ledger, conn, lease_id).await?;
-        return Ok((hold, account, false));
-    };
-    if row.try_get::<i64, _>(14)? > 0 {
-        return Ok((None, None, true));
-    }
-    let hold = hold_of(&row)?;
-    let account = Account {
-        user_id: hold.user_id.clone(),
-        quota_type: hold.quota_type.clone(),
-        balance: row.try_get(10)?,
-        held: row.try_get(11)?,
-        debt: row.try_get(12)?,
-        next_event_at: row.try_get(13)?,
-    };
-    Ok((Some(hold), Some(account), false))
-}
-
-/// Like [`load_hold`], with the account's active lots in burn order (for [`burn`]) read
-/// in the same round trip on SQLite, where the transaction holds the database's write
-/// lock. Elsewhere the lots are left to [`burn`]: there they must be read (and locked)
-/// after the account lock is held, so that the read sees the lots of a grant committed
-/// while it waited.
-async fn load_hold_and_lots(
-    ledger: &Ledger,
-    conn: &mut AnyConnection,
-    request_id: &str,
-) -> Result<(Option<Hold>, Option<Account>, Option<Vec<LotRow>>), LedgerError> {
-    let db = ledger.db();
-    if db.dialect() != Dialect::Sqlite {
-        let (hold, account) = load_hold(ledger, conn, request_id).await?;
-        return Ok((hold, account, None));
-    }
-    let sql = format!(
-        "SELECT h.user_id, h.quota_type, h.provider, h.model, h.amount, h.price_version_id, \
-         h.priced, h.status, h.created_at, h.kind, a.balance, a.held, a.debt, a.next_event_at, \
-         l.id, l.status, l.remaining, l.effective_from, l.expires_at \
-         FROM ledger_holds h JOIN ledger_accounts a \
-         ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
-         LEFT JOIN quota_lots l ON l.user_id = h.user_id AND l.quota_type = h.quota_type \
-         AND l.status = 'active' AND l.remaining > 0 \
-         WHERE h.request_id = ? ORDER BY {BURN_ORDER_OF_L}"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(request_id)
-        .fetch_all(&mut *conn)
-        .await?;
-    let Some(first) = rows.first() else {
-        let (hold, account) = load_orphan_hold(ledger, conn, request_id).await?;
-        return Ok((hold, account, None));
-    };
-    let hold = hold_of(first)?;
-    let account = Account {
-        user_id: hold.user_id.clone(),
-        quota_type: hold.quota_type.clone(),
-        balance: first.try_get(10)?,
-        held: first.try_get(11)?,
-        debt: first.try_get(12)?,
-        next_event_at: first.try_get(13)?,
-    };
-    let mut lots = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let Some(id) = row.try_get::<Option<i64>, _>(14)? else {
-            continue;
-        };
-        lots.push(LotRow {
-            id,
-            status: row.try_get(15)?,
-            remaining: row.try_get(16)?,
-            effective_from: row.try_get(17)?,
-            expires_at: row.try_get(18)?,
-        });
-    }
-    Ok((Some(hold), Some(account), Some(lots)))
-}
-
 /// The columns [`hold_of`] reads.
 const HOLD_COLUMNS: &str = "user_id, quota_type, provider, model, amount, price_version_id, \
     priced, status, created_at, kind";
@@ -1210,8 +1059,6 @@ struct Charge<'a> {
     request_id: &'a str,
     /// Noted on the release journal row (the lease the units came from).
     memo: Option<&'a str>,
-    /// The account's active lots when already read with the hold.
-    active_lots: Option<Vec<LotRow>>,
 }
 
 /// The usage of a settlement measured for `target`: normalized, priced, in quota units.
@@ -1246,7 +1093,6 @@ async fn charge(
         units,
         request_id,
         memo,
-        mut active_lots,
     } = charge;
     let mut account = match account {
         Some(account) => account,
@@ -1255,8 +1101,6 @@ async fn charge(
             .ok_or_else(|| LedgerError::Inconsistent("account vanished after insert".into()))?,
     };
     if account.is_due(now) {
-        // Changes the lots: those read with the hold no longer apply.
-        active_lots = None;
         refresh_lots(db, conn, &mut account, journal, now).await?;
     }
     if target.release > 0 {
@@ -1275,18 +1119,7 @@ async fn charge(
     let charged = units.min(account.available());
     let debt = units - charged;
     let entry = ("settle", request_id);
-    burn(
-        db,
-        conn,
-        batch,
-        &mut account,
-        journal,
-        charged,
-        entry,
-        now,
-        active_lots,
-    )
-    .await?;
+    burn(db, conn, batch, &mut account, journal, charged, entry, now).await?;
     if debt > 0 {
         account.debt += debt;
         journal.push(

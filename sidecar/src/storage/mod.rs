@@ -473,11 +473,6 @@ impl Batch {
         self.statements.is_empty()
     }
 
-    /// Adds every statement of `other`, after this batch's own.
-    pub fn append(&mut self, other: Batch) {
-        self.statements.extend(other.statements);
-    }
-
     pub async fn execute(
         self,
         dialect: Dialect,
