@@ -263,3 +263,51 @@ async fn a_call_whose_settlement_would_be_refused_is_never_admitted_under_a_leas
     assert_eq!(stack.upstream.request_count(), 1, "only the first call ran");
     assert_eq!(stat(&stack, "lease_admissions"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_refuses_new_calls_rather_than_drop_a_settlement() {
+    let filter = FilterOptions {
+        lease_idle_ms: Some(60_000),
+        outbox_capacity: Some(10),
+        ..FilterOptions::default()
+    };
+    let mut stack = started("lease-backlog", filter, "sara", 1_000_000).await;
+    let first = stack
+        .call("/v1/chat/completions", Some("sara"), &chat(100), &[])
+        .await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    stack.wait_for_usage("sara", 1).await;
+
+    // Settlements cannot be delivered: the lease keeps admitting until the outbox is
+    // nine-tenths full, then the filter refuses (fail_closed) instead of admitting calls
+    // whose settlements would not fit.
+    stack.sidecar.kill();
+    let mut statuses = Vec::new();
+    for _ in 0..15 {
+        let reply = stack
+            .call("/v1/chat/completions", Some("sara"), &chat(100), &[])
+            .await;
+        statuses.push(reply.status);
+    }
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(
+        served, 9,
+        "nine settlements fit before the backlog mark: {statuses:?}"
+    );
+    assert!(
+        statuses[9..].iter().all(|s| *s == 503),
+        "then every call is refused: {statuses:?}"
+    );
+
+    stack.sidecar.restart();
+    let records = stack.wait_for_usage("sara", 1 + served).await;
+    assert_eq!(records.len(), 1 + served, "every served call settled once");
+    assert_eq!(stat(&stack, "outbox_dropped"), 0);
+    // Delivered again, so new calls are admitted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = stack
+        .call("/v1/chat/completions", Some("sara"), &chat(100), &[])
+        .await;
+    assert_eq!(after.status, 200, "{}", after.text());
+    assert_reconciled(&stack).await;
+}

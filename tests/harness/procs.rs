@@ -186,6 +186,8 @@ pub struct FilterOptions {
     pub lease_units: Option<u64>,
     pub lease_ttl_ms: Option<u64>,
     pub lease_idle_ms: Option<u64>,
+    /// Settlements the filter's outbox keeps at most (`None`: the filter's default).
+    pub outbox_capacity: Option<u64>,
 }
 
 impl Default for FilterOptions {
@@ -202,6 +204,7 @@ impl Default for FilterOptions {
             lease_ttl_ms: None,
             // Idle leases are released quickly so tests see the balance settle soon.
             lease_idle_ms: Some(300),
+            outbox_capacity: None,
         }
     }
 }
@@ -228,6 +231,7 @@ impl FilterOptions {
             ("lease_units", self.lease_units),
             ("lease_ttl_ms", self.lease_ttl_ms),
             ("lease_idle_ms", self.lease_idle_ms),
+            ("outbox_capacity", self.outbox_capacity),
         ];
         for (field, value) in leases {
             if let Some(value) = value {
