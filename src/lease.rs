@@ -278,13 +278,14 @@ impl LeaseBook {
 
 /// Whether a call may be admitted under a lease at all: the sidecar would refuse its
 /// settlement (and the call would go unbilled) if its keys cannot be stored, so such a call
-/// is sent to the sidecar, which answers it with a clear denial instead.
-pub fn keys_settleable(request_id: &str, caller: &Caller, model: &str) -> bool {
+/// is sent to the sidecar, which answers it with a clear denial instead. The request id is
+/// checked before, for every metered call ([`usable_request_id`]).
+pub fn keys_settleable(caller: &Caller, model: &str) -> bool {
     let caller_ok = match caller {
         Caller::UserId(user) => is_storable_key(user),
         Caller::ApiKey(_) => true,
     };
-    caller_ok && is_storable_key(model) && usable_request_id(request_id)
+    caller_ok && is_storable_key(model)
 }
 
 /// Whether the ledger can key a call's settlement by `request_id`.
@@ -523,14 +524,15 @@ mod tests {
     #[test]
     fn calls_whose_settlement_the_ledger_would_refuse_are_never_leased() {
         let long = "r".repeat(MAX_KEY_CHARS + 1);
-        assert!(keys_settleable("r-1", &alice(), "m"));
-        assert!(keys_settleable(&"r".repeat(MAX_KEY_CHARS), &alice(), "m"));
-        assert!(!keys_settleable(&long, &alice(), "m"));
-        assert!(!keys_settleable("", &alice(), "m"));
-        assert!(!keys_settleable("lease:r-1", &alice(), "m"));
-        assert!(!keys_settleable("r-1", &alice(), &long));
-        assert!(!keys_settleable("r-1", &Caller::UserId(long.clone()), "m"));
-        assert!(keys_settleable("r-1", &Caller::ApiKey(long), "m"));
+        assert!(keys_settleable(&alice(), "m"));
+        assert!(!keys_settleable(&alice(), &long));
+        assert!(!keys_settleable(&Caller::UserId(long.clone()), "m"));
+        assert!(keys_settleable(&Caller::ApiKey(long.clone()), "m"));
+        assert!(usable_request_id("r-1"));
+        assert!(usable_request_id(&"r".repeat(MAX_KEY_CHARS)));
+        assert!(!usable_request_id(&long));
+        assert!(!usable_request_id(""));
+        assert!(!usable_request_id("lease:r-1"));
     }
 
     #[test]

@@ -148,7 +148,7 @@ impl MeterHttp {
             requested_images: request.requested_images,
         };
         let now = self.now_ms();
-        let leasable = lease::keys_settleable(&pending.request_id, &pending.caller, &request.model);
+        let leasable = lease::keys_settleable(&pending.caller, &request.model);
         let ticket = leasable
             .then(|| shared.admit_from_lease(&pending.caller, &request.model, &size, now))
             .flatten();

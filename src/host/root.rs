@@ -274,8 +274,13 @@ impl MeterRoot {
             return false;
         }
         if left > 0 {
-            shared.metrics.outbox_dropped.add(left as u64);
-            log::error!("llm-meter: shutting down with {left} undelivered settlements");
+            // Only queued items are lost here; a lease still open is swept by the sidecar.
+            let queued = shared.outbox.try_borrow().map_or(0, |outbox| outbox.len());
+            shared.metrics.outbox_dropped.add(queued as u64);
+            log::error!(
+                "llm-meter: shutting down with {queued} undelivered settlements and {} open leases",
+                left - queued.min(left)
+            );
         } else {
             log::info!("llm-meter: plugin shut down after delivering every settlement");
         }

@@ -38,12 +38,11 @@ use super::settle::{
 use super::{check_key, to_i64, Ledger, LedgerError};
 use crate::pricing::Measure;
 use crate::storage::Batch;
+use llm_meter_protocol::{LEASE_ID_PREFIX, MAX_KEY_CHARS};
 
-/// Every lease id starts with this; call request ids must not.
-pub const LEASE_PREFIX: &str = "lease:";
-
-/// Longest key the ledger stores (VARCHAR(191)).
-const MAX_KEY_CHARS: usize = 191;
+/// Every lease id starts with this; call request ids must not (the protocol's definition,
+/// which the filter checks too).
+pub const LEASE_PREFIX: &str = LEASE_ID_PREFIX;
 
 /// The lease granted to the authorization `request_id`: deterministic (a retried authorize
 /// finds its lease), within the key limit (a long request id is hashed), and never a

@@ -289,9 +289,10 @@ fn to_i64(value: u64, what: &str) -> Result<i64, LedgerError> {
 
 /// Validates an identifier stored in a VARCHAR(191) key column.
 fn check_key(value: &str, what: &str) -> Result<(), LedgerError> {
-    if value.is_empty() || value.chars().count() > 191 {
+    if !llm_meter_protocol::is_storable_key(value) {
         return Err(LedgerError::Invalid(format!(
-            "{what} must be 1..=191 characters"
+            "{what} must be 1..={} characters",
+            llm_meter_protocol::MAX_KEY_CHARS
         )));
     }
     Ok(())
