@@ -102,6 +102,11 @@ pub struct LeaseBook {
     leases: HashMap<String, LocalLease>,
     /// Lease ids per caller and model (usually one; a few while calls race for a lease).
     by_key: HashMap<(Caller, String), Vec<String>>,
+    /// Lease asks awaiting the sidecar's answer, by caller and model, with the instant
+    /// their callout times out. One ask per key at a time: every grant takes a share of
+    /// what is still available, so a burst of concurrent asks would hand the whole
+    /// balance out in leases and deny the burst's later calls.
+    asking: HashMap<(Caller, String), u64>,
 }
 
 impl LeaseBook {
@@ -110,6 +115,7 @@ impl LeaseBook {
             config,
             leases: HashMap::new(),
             by_key: HashMap::new(),
+            asking: HashMap::new(),
         }
     }
 
@@ -128,6 +134,43 @@ impl LeaseBook {
     /// Whether an authorization should ask for a lease.
     pub fn wants_lease(&self) -> bool {
         self.config.enabled() && self.leases.len() < self.config.max_leases
+    }
+
+    /// Whether the authorization of a call of `caller` and `model` should ask for a lease;
+    /// when it should, the ask is recorded until [`LeaseBook::end_ask`] or `timeout_ms`
+    /// (the callout's timeout, after which no answer can arrive), and other calls of the
+    /// same key are authorized on their own meanwhile.
+    pub fn begin_ask(
+        &mut self,
+        caller: &Caller,
+        model: &str,
+        now_ms: u64,
+        timeout_ms: u64,
+    ) -> bool {
+        if !self.wants_lease() {
+            return false;
+        }
+        if self.asking.len() >= self.config.max_leases {
+            self.asking.retain(|_, deadline| *deadline > now_ms);
+            if self.asking.len() >= self.config.max_leases {
+                return false;
+            }
+        }
+        let key = (caller.clone(), model.to_string());
+        if self
+            .asking
+            .get(&key)
+            .is_some_and(|deadline| *deadline > now_ms)
+        {
+            return false;
+        }
+        self.asking.insert(key, now_ms.saturating_add(timeout_ms));
+        true
+    }
+
+    /// The answer to a lease ask arrived (granted or not), or its call went away.
+    pub fn end_ask(&mut self, caller: &Caller, model: &str) {
+        self.asking.remove(&(caller.clone(), model.to_string()));
     }
 
     /// Admit a call from a lease of its caller and model, if one has room for its hold.
@@ -507,6 +550,48 @@ mod tests {
             ..config()
         });
         assert!(!off.wants_lease());
+    }
+
+    #[test]
+    fn one_lease_ask_per_caller_and_model_is_on_its_way_at_a_time() {
+        let mut book = LeaseBook::new(config());
+        let bob = Caller::UserId("bob".into());
+        assert!(book.begin_ask(&alice(), "m", NOW, 500));
+        assert!(
+            !book.begin_ask(&alice(), "m", NOW + 10, 500),
+            "second ask waits"
+        );
+        assert!(
+            book.begin_ask(&alice(), "other", NOW, 500),
+            "another model asks"
+        );
+        assert!(book.begin_ask(&bob, "m", NOW, 500), "another caller asks");
+        book.end_ask(&alice(), "m");
+        assert!(
+            book.begin_ask(&alice(), "m", NOW + 20, 500),
+            "answered: ask again"
+        );
+        // An ask whose answer never came stops counting when its callout times out.
+        assert!(!book.begin_ask(&alice(), "m", NOW + 519, 500));
+        assert!(book.begin_ask(&alice(), "m", NOW + 520, 500));
+    }
+
+    #[test]
+    fn asks_on_their_way_are_bounded_like_leases() {
+        let mut book = LeaseBook::new(config());
+        for i in 0..3 {
+            assert!(book.begin_ask(&alice(), &format!("m{i}"), NOW, 500));
+        }
+        assert!(!book.begin_ask(&alice(), "m3", NOW, 500), "full of asks");
+        assert!(
+            book.begin_ask(&alice(), "m3", NOW + 500, 500),
+            "expired asks pruned"
+        );
+        let mut off = LeaseBook::new(LeaseConfig {
+            units: 0,
+            ..config()
+        });
+        assert!(!off.begin_ask(&alice(), "m", NOW, 500));
     }
 
     #[test]

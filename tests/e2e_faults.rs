@@ -190,24 +190,51 @@ async fn sidecar_killed_under_200_streams_settles_every_admitted_call_once() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     stack.lock().await.sidecar.restart();
 
-    let mut admitted = 0;
+    let (mut admitted, mut refused) = (0, 0);
     for stream in streams {
         match stream.await.expect("task") {
             200 => admitted += 1,
-            503 => {} // arrived while the sidecar was down: refused (fail_closed)
+            503 => refused += 1, // arrived while the sidecar was down: refused (fail_closed)
             other => panic!("unexpected status {other}"),
         }
     }
     assert!(admitted > 0, "some calls were admitted before the kill");
     let stack = stack.lock().await;
-    let records = stack.wait_for_usage("liam", admitted).await;
+    let is_settled = |r: &&Value| r["status"] == "settled";
+    let mut records = stack.admin.usage_of("liam").await;
+    for _ in 0..200 {
+        if records.iter().filter(is_settled).count() >= admitted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        records = stack.admin.usage_of("liam").await;
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let records_later = stack.admin.usage_of("liam").await;
     assert_eq!(records_later.len(), records.len(), "no settlement doubled");
+    eprintln!(
+        "not settled: {:?}",
+        records
+            .iter()
+            .filter(|r| !is_settled(r))
+            .collect::<Vec<_>>()
+    );
+    // A call refused with 503 may still have been forwarded (the upstream's own error, e.g.
+    // a reset while the machine is loaded): it is voided, charging nothing.
+    let settled = records.iter().filter(is_settled).count();
+    let others: Vec<&Value> = records.iter().filter(|r| !is_settled(r)).collect();
     assert_eq!(
-        records.len(),
-        admitted,
-        "every admitted call settled exactly once"
+        settled, admitted,
+        "every admitted call settled exactly once; not settled: {others:?}"
+    );
+    for record in &others {
+        assert_eq!(record["status"], "voided", "{record}");
+        assert_eq!(num(record, "charged"), 0, "{record}");
+    }
+    assert!(
+        others.len() <= refused,
+        "{} voided for {refused} refused",
+        others.len()
     );
     let quota = stack.admin.quota("liam", "text_token").await;
     assert_eq!(num(&quota, "held"), 0, "{quota}");

@@ -148,6 +148,45 @@ async fn concurrent_calls_under_leases_never_overdraw() {
     assert_reconciled(&stack).await;
 }
 
+/// A burst of first calls from one caller must not hand the balance out in leases: each
+/// grant takes a share of what is left, so if every call of the burst asked for a lease,
+/// a balance with room for all of them would be leased away and the later calls denied.
+/// Only one ask per caller and model is on its way at a time; the others hold for
+/// themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_first_calls_is_admitted_without_leasing_the_balance_away() {
+    // Room for the whole burst's holds (80 x 200) two and a half times over.
+    let granted = 40_000;
+    let filter = FilterOptions {
+        lease_units: Some(1_000_000),
+        ..FilterOptions::default()
+    };
+    let stack = Arc::new(started("lease-burst", filter, "pia", granted).await);
+    let mut calls = Vec::new();
+    for _ in 0..80 {
+        let stack = stack.clone();
+        calls.push(tokio::spawn(async move {
+            let script = [("x-script-delay-ms", "200")];
+            stack
+                .call("/v1/chat/completions", Some("pia"), &chat(190), &script)
+                .await
+                .status
+        }));
+    }
+    let mut statuses = Vec::new();
+    for call in calls {
+        statuses.push(call.await.expect("task"));
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(admitted, 80, "every call of the burst fits: {statuses:?}");
+    let records = stack.wait_for_usage("pia", admitted).await;
+    assert_eq!(records.len(), admitted, "every admitted call settled once");
+    let quota = stack.admin.quota_released("pia", "text_token").await;
+    assert_eq!(num(&quota, "held"), 0, "{quota}");
+    assert_eq!(num(&quota, "used"), admitted as i64 * TOKENS_PER_CALL);
+    assert_reconciled(&stack).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_keeps_admitting_while_the_sidecar_is_down_and_settles_after() {
     let filter = FilterOptions {

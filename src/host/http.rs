@@ -38,6 +38,8 @@ struct Pending {
     format: ProviderFormat,
     request_id: String,
     caller: Caller,
+    /// This call's authorization carries the lease ask of its caller and model.
+    lease_asked: bool,
 }
 
 struct Forwarded {
@@ -103,7 +105,7 @@ impl MeterHttp {
     }
 
     /// Parse the buffered body and ask the sidecar.
-    fn authorize(&mut self, shared: &Shared, pending: Pending, body_size: usize) -> Action {
+    fn authorize(&mut self, shared: &Shared, mut pending: Pending, body_size: usize) -> Action {
         let config = &shared.config;
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
         let path = self.get_http_request_header(":path").unwrap_or_default();
@@ -155,7 +157,9 @@ impl MeterHttp {
         if let Some(ticket) = ticket {
             return self.admit(shared, pending, request, Admission::Leased(ticket), false);
         }
-        let lease = shared.wants_lease().then_some(LeaseAsk {
+        pending.lease_asked =
+            leasable && shared.begin_lease_ask(&pending.caller, &request.model, now);
+        let lease = pending.lease_asked.then_some(LeaseAsk {
             units: config.lease_units,
             ttl_ms: config.lease_ttl_ms,
         });
@@ -195,6 +199,9 @@ impl MeterHttp {
                 Action::Pause
             }
             Err(reason) => {
+                if pending.lease_asked {
+                    shared.end_lease_ask(&pending.caller, &request.model);
+                }
                 let outcome = lifecycle::AuthorizeOutcome::Unavailable(reason);
                 let admission = lifecycle::admission(outcome, config.failure_mode);
                 self.admit(shared, pending, request, admission, false)
@@ -324,7 +331,10 @@ impl MeterHttp {
                     }
                 }
             }
-            Phase::Authorizing(pending, _) => {
+            Phase::Authorizing(pending, request) => {
+                if pending.lease_asked {
+                    shared.end_lease_ask(&pending.caller, &request.model);
+                }
                 // The client left while the sidecar decided: release any hold it made.
                 shared.enqueue(
                     Finalize::Void(VoidRequest {
@@ -400,6 +410,9 @@ impl Context for MeterHttp {
         let body = self
             .get_http_call_response_body(0, body_size)
             .unwrap_or_default();
+        if pending.lease_asked {
+            shared.end_lease_ask(&pending.caller, &request.model);
+        }
         let outcome = lifecycle::read_authorize_reply(status, &body, &pending.request_id);
         let admission = lifecycle::admission(outcome, shared.config.failure_mode);
         self.admit(&shared, pending, request, admission, true);
@@ -458,6 +471,7 @@ impl HttpContext for MeterHttp {
             format,
             request_id,
             caller,
+            lease_asked: false,
         };
         let content_length = self.get_http_request_header("content-length");
         let declared = request::check_declared_length(

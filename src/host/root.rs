@@ -42,12 +42,21 @@ impl Shared {
         queued + leases
     }
 
-    /// Whether an authorization should ask for a lease.
-    pub fn wants_lease(&self) -> bool {
+    /// Whether this call's authorization should ask for a lease (at most one ask per
+    /// caller and model is on its way at a time).
+    pub fn begin_lease_ask(&self, caller: &Caller, model: &str, now_ms: u64) -> bool {
+        let timeout_ms = self.config.timeout_ms;
         self.leases
-            .try_borrow()
-            .map(|book| book.wants_lease())
+            .try_borrow_mut()
+            .map(|mut book| book.begin_ask(caller, model, now_ms, timeout_ms))
             .unwrap_or(false)
+    }
+
+    /// The answer to this call's lease ask arrived, or the call went away.
+    pub fn end_lease_ask(&self, caller: &Caller, model: &str) {
+        if let Ok(mut book) = self.leases.try_borrow_mut() {
+            book.end_ask(caller, model);
+        }
     }
 
     /// Admit a call under a lease of its caller and model, if one has room.
