@@ -184,31 +184,64 @@ impl Default for DbOptions {
 pub struct Db {
     pool: AnyPool,
     dialect: Dialect,
-    /// SQLite allows one writer at a time; queueing writers of this process here is much
-    /// faster than letting them spin on the file lock. Other processes still wait on
-    /// `busy_timeout`.
-    write_gate: Option<Arc<Mutex<()>>>,
+    /// SQLite: this process's one writer connection, behind its gate (see [`WriteTx`]).
+    writer: Option<Arc<Mutex<Option<AnyConnection>>>>,
+    connect_options: AnyConnectOptions,
+    busy_ms: u128,
 }
 
-/// A write transaction. On SQLite it began with `BEGIN IMMEDIATE` (so a read followed by a
-/// write can never hit the lock-upgrade deadlock) and holds this process's write gate.
+/// A write transaction.
+///
+/// On SQLite every write of the process goes through ONE connection, kept open between
+/// transactions behind a gate: SQLite allows one writer at a time anyway, and queueing
+/// writers here is much faster than letting them spin on the file lock (other processes
+/// still wait on `busy_timeout`). Keeping the same connection matters too: a connection
+/// whose view of the file another connection changed must re-read every page it cached,
+/// so rotating writes over the pool re-read the hot pages on nearly every transaction.
+/// It begins with `BEGIN IMMEDIATE`, so a read followed by a write can never hit the
+/// lock-upgrade deadlock. A transaction dropped unfinished closes the connection, which
+/// rolls it back; the next one opens a fresh connection.
 pub struct WriteTx {
-    tx: Transaction<'static, Any>,
-    _gate: Option<OwnedMutexGuard<()>>,
+    inner: TxInner,
+}
+
+enum TxInner {
+    Pooled(Transaction<'static, Any>),
+    Dedicated {
+        conn: AnyConnection,
+        slot: OwnedMutexGuard<Option<AnyConnection>>,
+    },
 }
 
 impl WriteTx {
     /// The connection to run statements on.
     pub fn conn(&mut self) -> &mut AnyConnection {
-        &mut self.tx
+        match &mut self.inner {
+            TxInner::Pooled(tx) => tx,
+            TxInner::Dedicated { conn, .. } => conn,
+        }
     }
 
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+        self.finish("COMMIT").await
     }
 
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.tx.rollback().await
+        self.finish("ROLLBACK").await
+    }
+
+    async fn finish(self, statement: &str) -> Result<(), sqlx::Error> {
+        match self.inner {
+            TxInner::Pooled(tx) if statement == "COMMIT" => tx.commit().await,
+            TxInner::Pooled(tx) => tx.rollback().await,
+            TxInner::Dedicated { mut conn, mut slot } => {
+                // On failure the connection is dropped (closed: SQLite rolls back what is
+                // left open) and the next transaction opens another.
+                conn.execute(statement).await?;
+                *slot = Some(conn);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -249,13 +282,15 @@ impl Db {
                     Ok(())
                 })
             })
-            .connect_with(connect_options)
+            .connect_with(connect_options.clone())
             .await?;
-        let write_gate = (dialect == Dialect::Sqlite).then(|| Arc::new(Mutex::new(())));
+        let writer = (dialect == Dialect::Sqlite).then(|| Arc::new(Mutex::new(None)));
         Ok(Db {
             pool,
             dialect,
-            write_gate,
+            writer,
+            connect_options,
+            busy_ms,
         })
     }
 
@@ -274,15 +309,35 @@ impl Db {
 
     /// Begins a write transaction (see [`WriteTx`]).
     pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
-        let gate = match &self.write_gate {
-            Some(gate) => Some(gate.clone().lock_owned().await),
-            None => None,
+        let Some(writer) = &self.writer else {
+            let tx = self.pool.begin().await?;
+            return Ok(WriteTx {
+                inner: TxInner::Pooled(tx),
+            });
         };
-        let tx = match self.dialect {
-            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres | Dialect::MySql => self.pool.begin().await?,
+        let mut slot = writer.clone().lock_owned().await;
+        if self.pool.is_closed() {
+            // Closed (shutting down): the writer connection closes with the pool.
+            return Err(sqlx::Error::PoolClosed);
+        }
+        let mut conn = match slot.take() {
+            Some(conn) => conn,
+            None => self.connect_writer().await?,
         };
-        Ok(WriteTx { tx, _gate: gate })
+        // On failure the connection is dropped; the next transaction opens another.
+        conn.execute("BEGIN IMMEDIATE").await?;
+        Ok(WriteTx {
+            inner: TxInner::Dedicated { conn, slot },
+        })
+    }
+
+    /// A connection of its own for this process's writes (SQLite), set up like the pool's.
+    async fn connect_writer(&self) -> Result<AnyConnection, sqlx::Error> {
+        let mut conn = AnyConnection::connect_with(&self.connect_options).await?;
+        for statement in session_setup(self.dialect, self.busy_ms) {
+            conn.execute(statement.as_str()).await?;
+        }
+        Ok(conn)
     }
 
     /// Applies pending migrations; safe to run concurrently from several processes and again.
@@ -291,6 +346,11 @@ impl Db {
     }
 
     pub async fn close(&self) {
+        if let Some(writer) = &self.writer {
+            if let Some(conn) = writer.lock().await.take() {
+                let _ = conn.close().await;
+            }
+        }
         self.pool.close().await;
     }
 }
@@ -592,6 +652,55 @@ mod tests {
             drop(conn);
             t.cleanup().await;
         }
+    }
+
+    async fn provider_count(db: &Db) -> i64 {
+        sqlx::query("SELECT COUNT(*) FROM providers")
+            .fetch_one(db.pool())
+            .await
+            .map(|r| sqlx::Row::get(&r, 0))
+            .unwrap()
+    }
+
+    async fn insert_provider(tx: &mut WriteTx, code: &str) {
+        let mut batch = Batch::default();
+        batch.push(
+            "INSERT INTO providers (code, name, status, created_at, updated_at) VALUES (?, ?, 'enabled', 1, 1)",
+            vec![code.into(), code.into()],
+        );
+        batch.execute(Dialect::Sqlite, tx.conn()).await.unwrap();
+    }
+
+    /// SQLite's one writer connection outlives its transactions: committed writes are seen
+    /// by the pool, a rolled-back or abandoned (dropped) transaction leaves nothing, and the
+    /// next transaction still works; once the pool is closed no writer reconnects.
+    #[tokio::test]
+    async fn the_sqlite_writer_survives_rollbacks_and_abandoned_transactions() {
+        let t = testing::fresh(Dialect::Sqlite).await;
+        let mut tx = t.db.begin_write().await.unwrap();
+        insert_provider(&mut tx, "kept").await;
+        tx.commit().await.unwrap();
+        assert_eq!(provider_count(&t.db).await, 1);
+
+        let mut tx = t.db.begin_write().await.unwrap();
+        insert_provider(&mut tx, "rolled-back").await;
+        tx.rollback().await.unwrap();
+        let mut tx = t.db.begin_write().await.unwrap();
+        insert_provider(&mut tx, "abandoned").await;
+        drop(tx);
+        assert_eq!(provider_count(&t.db).await, 1);
+
+        let mut tx = t.db.begin_write().await.unwrap();
+        insert_provider(&mut tx, "after").await;
+        tx.commit().await.unwrap();
+        assert_eq!(provider_count(&t.db).await, 2);
+
+        t.db.close().await;
+        assert!(matches!(
+            t.db.begin_write().await.err(),
+            Some(sqlx::Error::PoolClosed)
+        ));
+        t.cleanup().await;
     }
 
     #[test]
