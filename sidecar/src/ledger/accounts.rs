@@ -21,6 +21,10 @@ pub(super) struct Account {
     pub held: i64,
     pub debt: i64,
     pub next_event_at: Option<i64>,
+    /// The account's active lots with units left, in burn order, when they were read with
+    /// the account in the same transaction (SQLite's settle reads all three in one query);
+    /// `None`: [`burn`] reads them. Cleared by anything that changes lots first.
+    pub burnable_lots: Option<Vec<LotRow>>,
 }
 
 impl Account {
@@ -121,6 +125,7 @@ async fn select_account(
         held: row.try_get(1)?,
         debt: row.try_get(2)?,
         next_event_at: row.try_get(3)?,
+        burnable_lots: None,
     }))
 }
 
@@ -168,12 +173,20 @@ pub(super) fn save_account_in(batch: &mut Batch, account: &Account, now: i64) {
 const BURN_ORDER: &str =
     "priority, CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, created_at, id";
 
-struct LotRow {
-    id: i64,
-    status: String,
-    remaining: i64,
-    effective_from: i64,
-    expires_at: Option<i64>,
+/// [`BURN_ORDER`] for lots joined as `l`.
+pub(super) const BURN_ORDER_OF_L: &str =
+    "l.priority, CASE WHEN l.expires_at IS NULL THEN 1 ELSE 0 END, l.expires_at, l.created_at, l.id";
+
+/// The condition of a lot [`burn`] may take units from.
+const BURNABLE: &str = "status = 'active' AND remaining > 0";
+
+#[derive(Debug, Clone)]
+pub(super) struct LotRow {
+    pub id: i64,
+    pub status: String,
+    pub remaining: i64,
+    pub effective_from: i64,
+    pub expires_at: Option<i64>,
 }
 
 async fn open_lots(
@@ -183,7 +196,7 @@ async fn open_lots(
     only_active_with_remaining: bool,
 ) -> Result<Vec<LotRow>, LedgerError> {
     let filter = if only_active_with_remaining {
-        "status = 'active' AND remaining > 0"
+        BURNABLE
     } else {
         "status IN ('pending', 'active')"
     };
@@ -219,6 +232,7 @@ pub(super) async fn refresh_lots(
     journal: &mut Journal,
     now: i64,
 ) -> Result<(i64, u64), LedgerError> {
+    account.burnable_lots = None;
     let lots = open_lots(db, conn, account, false).await?;
     let mut expired_units = 0;
     let mut expired_lots = 0;
@@ -411,8 +425,12 @@ pub(super) async fn burn(
     if units <= 0 {
         return Ok(());
     }
+    let lots = match account.burnable_lots.take() {
+        Some(lots) => lots,
+        None => open_lots(db, conn, account, true).await?,
+    };
     let mut left = units;
-    for lot in open_lots(db, conn, account, true).await? {
+    for lot in lots {
         let take = left.min(lot.remaining);
         batch.push(
             "UPDATE quota_lots SET remaining = remaining - ?, used = used + ?, updated_at = ? \

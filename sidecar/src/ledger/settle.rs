@@ -8,13 +8,16 @@ use llm_meter_protocol::{
 };
 use sqlx::{AnyConnection, Row};
 
-use super::accounts::{burn, lock_account, refresh_lots, save_account_in, Account, Entry, Journal};
+use super::accounts::{
+    burn, lock_account, refresh_lots, save_account_in, Account, Entry, Journal, LotRow,
+    BURN_ORDER_OF_L,
+};
 use super::authorize::MAX_UNITS_PER_CALL;
 use super::group::{Done, Op};
 use super::lease::{is_lease_key, LEASE_PREFIX};
 use super::{backoff, check_key, retryable, to_i64, Ledger, LedgerError, MAX_ATTEMPTS};
 use crate::pricing::{format_micros, Cost, Measure, PriceVersion};
-use crate::storage::{Batch, Value};
+use crate::storage::{Batch, Dialect, Value};
 
 /// A hold row as read (and locked) inside a transaction.
 pub(super) struct Hold {
@@ -911,6 +914,9 @@ pub(super) async fn load_hold(
     request_id: &str,
 ) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
     let db = ledger.db();
+    if db.dialect() == Dialect::Sqlite {
+        return load_hold_and_lots(ledger, conn, request_id).await;
+    }
     let sql = format!(
         "SELECT h.user_id, h.quota_type, h.provider, h.model, h.amount, h.price_version_id, \
          h.priced, h.status, h.created_at, h.kind, a.balance, a.held, a.debt, a.next_event_at \
@@ -934,6 +940,59 @@ pub(super) async fn load_hold(
         held: row.try_get(11)?,
         debt: row.try_get(12)?,
         next_event_at: row.try_get(13)?,
+        burnable_lots: None,
+    };
+    Ok((Some(hold), Some(account)))
+}
+
+/// SQLite: [`load_hold`] with the account's burnable lots, in burn order, in the same
+/// round trip (one row per lot; SQLite has no row locks to take, its single writer holds
+/// the whole database). Every round trip costs thread hand-offs in sqlx's SQLite driver,
+/// and a settlement needs the lots anyway.
+async fn load_hold_and_lots(
+    ledger: &Ledger,
+    conn: &mut AnyConnection,
+    request_id: &str,
+) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
+    let sql = format!(
+        "SELECT h.user_id, h.quota_type, h.provider, h.model, h.amount, h.price_version_id, \
+         h.priced, h.status, h.created_at, h.kind, a.balance, a.held, a.debt, a.next_event_at, \
+         l.id, l.status, l.remaining, l.effective_from, l.expires_at \
+         FROM ledger_holds h JOIN ledger_accounts a \
+         ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
+         LEFT JOIN quota_lots l ON l.user_id = h.user_id AND l.quota_type = h.quota_type \
+         AND l.status = 'active' AND l.remaining > 0 \
+         WHERE h.request_id = ? ORDER BY {BURN_ORDER_OF_L}"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(request_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let Some(first) = rows.first() else {
+        return load_orphan_hold(ledger, conn, request_id).await;
+    };
+    let hold = hold_of(first)?;
+    let mut lots = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let Some(id) = row.try_get::<Option<i64>, _>(14)? else {
+            continue;
+        };
+        lots.push(LotRow {
+            id,
+            status: row.try_get(15)?,
+            remaining: row.try_get(16)?,
+            effective_from: row.try_get(17)?,
+            expires_at: row.try_get(18)?,
+        });
+    }
+    let account = Account {
+        user_id: hold.user_id.clone(),
+        quota_type: hold.quota_type.clone(),
+        balance: first.try_get(10)?,
+        held: first.try_get(11)?,
+        debt: first.try_get(12)?,
+        next_event_at: first.try_get(13)?,
+        burnable_lots: Some(lots),
     };
     Ok((Some(hold), Some(account)))
 }
