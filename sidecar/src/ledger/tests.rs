@@ -244,6 +244,57 @@ async fn lots_burn_by_priority_then_soonest_expiry_then_age() {
     }
 }
 
+/// A burn first reads only the first lots in burn order; one they cannot cover reads the
+/// rest, still in burn order, and nothing is charged twice.
+#[tokio::test]
+async fn a_settlement_burning_more_lots_than_the_first_read_takes_them_in_order() {
+    for t in each_backend().await {
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        seed_catalog(&t.db).await;
+        let lots = 40;
+        // Burn order by priority, the reverse of creation order.
+        for i in 0..lots {
+            let mut g = grant_req("u", 10, &format!("lot-{i:02}"));
+            g.priority = (lots - i) as i32;
+            assert!(l.grant(&g).await.unwrap().created);
+        }
+        let burned = 25; // lots emptied: more than the first read holds
+        assert!(burned > super::accounts::BURN_READ_LIMIT);
+        let units = burned as u64 * 10;
+        let r = l
+            .authorize(&auth("big", "u", units - 50, 50))
+            .await
+            .unwrap();
+        assert_eq!(r.decision, Decision::Allow, "{:?}", t.backend);
+        let s = l
+            .settle(&settle_req("big", "u", units - 50, 50))
+            .await
+            .unwrap();
+        assert_eq!((s.charged, s.debt), (units, 0), "{:?}", t.backend);
+        let mut remaining = remaining_of(l, "u").await;
+        remaining.sort();
+        let expected: Vec<(String, u64)> = (0..lots)
+            .map(|i| {
+                let emptied = i >= lots - burned;
+                (format!("lot-{i:02}"), if emptied { 0 } else { 10 })
+            })
+            .collect();
+        assert_eq!(remaining, expected, "{:?}", t.backend);
+        // A small one after it reads only the first lots again and takes the next in order.
+        l.authorize(&auth("small", "u", 3, 2)).await.unwrap();
+        l.settle(&settle_req("small", "u", 3, 2)).await.unwrap();
+        let remaining = remaining_of(l, "u").await;
+        let next = format!("lot-{:02}", lots - burned - 1);
+        assert!(
+            remaining.contains(&(next.clone(), 5)),
+            "{next} takes the next 5: {remaining:?}"
+        );
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn expired_lots_stop_counting_and_are_journaled() {
     for t in each_backend().await {
