@@ -933,16 +933,25 @@ pub(super) async fn load_hold(
         return load_orphan_hold(ledger, conn, request_id).await;
     };
     let hold = hold_of(&row)?;
-    let account = Account {
+    let account = account_of(&hold, &row, None)?;
+    Ok((Some(hold), Some(account)))
+}
+
+/// The account read with `hold`: columns 10-13 of a hold query.
+fn account_of(
+    hold: &Hold,
+    row: &sqlx::any::AnyRow,
+    burnable_lots: Option<Vec<LotRow>>,
+) -> Result<Account, LedgerError> {
+    Ok(Account {
         user_id: hold.user_id.clone(),
         quota_type: hold.quota_type.clone(),
         balance: row.try_get(10)?,
         held: row.try_get(11)?,
         debt: row.try_get(12)?,
         next_event_at: row.try_get(13)?,
-        burnable_lots: None,
-    };
-    Ok((Some(hold), Some(account)))
+        burnable_lots,
+    })
 }
 
 /// SQLite: [`load_hold`] with the account's burnable lots, in burn order, in the same
@@ -985,15 +994,7 @@ async fn load_hold_and_lots(
             expires_at: row.try_get(18)?,
         });
     }
-    let account = Account {
-        user_id: hold.user_id.clone(),
-        quota_type: hold.quota_type.clone(),
-        balance: first.try_get(10)?,
-        held: first.try_get(11)?,
-        debt: first.try_get(12)?,
-        next_event_at: first.try_get(13)?,
-        burnable_lots: Some(lots),
-    };
+    let account = account_of(&hold, first, Some(lots))?;
     Ok((Some(hold), Some(account)))
 }
 
