@@ -180,6 +180,9 @@ pub(super) const BURN_ORDER_OF_L: &str =
 /// The condition of a lot [`burn`] may take units from.
 const BURNABLE: &str = "status = 'active' AND remaining > 0";
 
+/// [`BURNABLE`] for lots joined as `l`.
+pub(super) const BURNABLE_OF_L: &str = "l.status = 'active' AND l.remaining > 0";
+
 /// Lots a burn reads at first, in burn order. A call nearly always fits in the first lot
 /// or two, so a user with a thousand live lots settles as fast as one with a single lot;
 /// a burn the first lots cannot cover reads them all.
@@ -530,4 +533,32 @@ impl Journal {
 /// Dialect-aware `SUM` (re-exported for sibling modules).
 pub(super) fn sum(dialect: Dialect, expr: &str) -> String {
     dialect.sum_i64(expr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prefixes every lot column of `sql` with `l.` (the columns these clauses name).
+    fn of_l(sql: &str) -> String {
+        let mut out = sql.to_string();
+        for column in [
+            "priority",
+            "expires_at",
+            "created_at",
+            "status",
+            "remaining",
+        ] {
+            out = out.replace(column, &format!("l.{column}"));
+        }
+        out.replace(", id", ", l.id")
+    }
+
+    /// The joined read of a settlement must burn in the same order, from the same lots, as
+    /// `burn`'s own read.
+    #[test]
+    fn joined_lot_clauses_match_the_plain_ones() {
+        assert_eq!(of_l(BURN_ORDER), BURN_ORDER_OF_L);
+        assert_eq!(of_l(BURNABLE), BURNABLE_OF_L);
+    }
 }

@@ -10,7 +10,7 @@ use sqlx::{AnyConnection, Row};
 
 use super::accounts::{
     burn, lock_account, refresh_lots, save_account_in, Account, Entry, Journal, LotRow,
-    BURN_ORDER_OF_L, BURN_READ_LIMIT,
+    BURNABLE_OF_L, BURN_ORDER_OF_L, BURN_READ_LIMIT,
 };
 use super::authorize::MAX_UNITS_PER_CALL;
 use super::group::{Done, Op};
@@ -970,7 +970,7 @@ async fn load_hold_and_lots(
          FROM ledger_holds h JOIN ledger_accounts a \
          ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
          LEFT JOIN quota_lots l ON l.user_id = h.user_id AND l.quota_type = h.quota_type \
-         AND l.status = 'active' AND l.remaining > 0 \
+         AND {BURNABLE_OF_L} \
          WHERE h.request_id = ? ORDER BY {BURN_ORDER_OF_L} LIMIT {BURN_READ_LIMIT}"
     );
     let rows = sqlx::query(&sql)

@@ -234,26 +234,31 @@ impl WriteTx {
     }
 
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.finish("COMMIT").await
+        match self.inner {
+            TxInner::Pooled(tx) => tx.commit().await,
+            TxInner::Dedicated { conn, slot } => end_dedicated(conn, slot, "COMMIT").await,
+        }
     }
 
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.finish("ROLLBACK").await
-    }
-
-    async fn finish(self, statement: &str) -> Result<(), sqlx::Error> {
         match self.inner {
-            TxInner::Pooled(tx) if statement == "COMMIT" => tx.commit().await,
             TxInner::Pooled(tx) => tx.rollback().await,
-            TxInner::Dedicated { mut conn, mut slot } => {
-                // On failure the connection is dropped (closed: SQLite rolls back what is
-                // left open) and the next transaction opens another.
-                conn.execute(statement).await?;
-                *slot = Some(conn);
-                Ok(())
-            }
+            TxInner::Dedicated { conn, slot } => end_dedicated(conn, slot, "ROLLBACK").await,
         }
     }
+}
+
+/// Ends a transaction of the dedicated writer and puts the connection back in its slot.
+async fn end_dedicated(
+    mut conn: AnyConnection,
+    mut slot: OwnedMutexGuard<Option<AnyConnection>>,
+    statement: &str,
+) -> Result<(), sqlx::Error> {
+    // On failure the connection is dropped (closed: SQLite rolls back what is left open)
+    // and the next transaction opens another.
+    conn.execute(statement).await?;
+    *slot = Some(conn);
+    Ok(())
 }
 
 impl Db {
