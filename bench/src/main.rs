@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! llm-meter-bench [--quick] [--sections core,proxy,ledger,growth] [--out BENCHMARKS.md]
+//!                 [--backends sqlite,postgres,mariadb]
 //!                 [--json target/bench/results.json]
 //! ```
 //!
@@ -23,6 +24,8 @@ use llm_meter_bench::{growth, ledger_bench, proxy, report};
 struct Args {
     quick: bool,
     sections: Vec<String>,
+    /// Databases the sections measure (MariaDB only in the ledger section).
+    backends: Vec<Backend>,
     out: PathBuf,
     json: PathBuf,
 }
@@ -34,6 +37,7 @@ fn parse_args() -> Result<Args> {
         sections: ["core", "proxy", "ledger", "growth"]
             .map(String::from)
             .to_vec(),
+        backends: vec![Backend::Sqlite, Backend::Postgres, Backend::MariaDb],
         out: root.join("BENCHMARKS.md"),
         json: root.join("target/bench/results.json"),
     };
@@ -44,6 +48,18 @@ fn parse_args() -> Result<Args> {
             "--sections" => {
                 let value = it.next().context("--sections wants a list")?;
                 args.sections = value.split(',').map(|s| s.trim().to_string()).collect();
+            }
+            "--backends" => {
+                let value = it.next().context("--backends wants a list")?;
+                args.backends = value
+                    .split(',')
+                    .map(|b| match b.trim() {
+                        "sqlite" => Ok(Backend::Sqlite),
+                        "postgres" => Ok(Backend::Postgres),
+                        "mariadb" => Ok(Backend::MariaDb),
+                        other => bail!("unknown backend {other} (sqlite, postgres, mariadb)"),
+                    })
+                    .collect::<Result<_>>()?;
             }
             "--out" => args.out = it.next().context("--out wants a path")?.into(),
             "--json" => args.json = it.next().context("--json wants a path")?.into(),
@@ -105,14 +121,15 @@ async fn run(args: &Args) -> Result<()> {
             connections: 32,
             open_connections: 64,
             users: 1000,
-            backends: vec![Backend::Sqlite, Backend::Postgres],
+            backends: (args.backends.iter().copied())
+                .filter(|b| *b != Backend::MariaDb)
+                .collect(),
         };
         results.proxy = Some(proxy::run(&plan).await.map_err(|e| format!("{e:#}")));
     }
     if wants("ledger") {
         let seconds = if args.quick { 1.0 } else { 2.0 };
-        let backends = [Backend::Sqlite, Backend::Postgres, Backend::MariaDb];
-        results.ledger = Some(ledger_bench::run(&dir, &backends, &[1, 16, 64], seconds).await);
+        results.ledger = Some(ledger_bench::run(&dir, &args.backends, &[1, 16, 64], seconds).await);
     }
     if wants("growth") {
         let (levels, pairs): (&[u64], usize) = if args.quick {
@@ -120,7 +137,9 @@ async fn run(args: &Args) -> Result<()> {
         } else {
             (&[10_000, 100_000, 1_000_000], 500)
         };
-        let backends = [Backend::Sqlite, Backend::Postgres];
+        let backends: Vec<Backend> = (args.backends.iter().copied())
+            .filter(|b| *b != Backend::MariaDb)
+            .collect();
         results.growth = Some(growth::run(&dir, &backends, levels, &[1, 100, 1000], pairs).await);
     }
     llm_meter_bench::procs::remove_scratch(&dir);

@@ -38,6 +38,9 @@ pub struct ProxyPlan {
     pub backends: Vec<Backend>,
 }
 
+/// Seconds of unmeasured load on a stand right before each measured run of it (see `measure`).
+pub const REWARM_SECONDS: u64 = 1;
+
 /// Figures of one load shape (non-streamed or streamed) through one stand.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ShapeFigures {
@@ -213,21 +216,41 @@ fn smoke(port: u16, envoy: &Envoy) -> Result<()> {
     Ok(())
 }
 
-/// Warm-up, closed-loop rounds, then open-loop rounds at half of plain Envoy's capacity.
+/// Unmeasured closed-loop load on `stand` for `seconds`: the first warm-up (V8 tiers the
+/// module up, connection pools fill, the sidecar's caches load), and again right before
+/// each measured run. The other stands ran meanwhile, and the filter releases the lease of
+/// a caller idle for `lease_idle_ms` (2 s): without the second, every measured window would
+/// begin with all 1,000 users asking for a lease again, a cold start, not the steady state.
+fn warm_up(plan: &ProxyPlan, stand: &Stand, stream: bool, seconds: u64) -> Result<()> {
+    closed_loop(plan, stand, stream, seconds)
+        .with_context(|| format!("warm-up of {}", stand.label))?;
+    Ok(())
+}
+
+/// `wrk` against `stand` for `seconds` with the plan's users and connections.
+fn closed_loop(
+    plan: &ProxyPlan,
+    stand: &Stand,
+    stream: bool,
+    seconds: u64,
+) -> Result<wrk::ClosedLoop> {
+    wrk::run(
+        &stand.dir,
+        stand.envoy.port,
+        stream,
+        plan.users,
+        plan.connections,
+        seconds,
+    )
+}
+
+/// Warm-up, closed-loop rounds, then open-loop rounds at half of plain Envoy's capacity,
+/// each measured run right after a short unmeasured one of the same load.
 async fn measure(plan: &ProxyPlan, stands: &mut [Stand]) -> Result<(f64, f64)> {
     for stand in stands.iter() {
         eprintln!("bench: proxy warm-up, {}", stand.label);
-        // V8 tiers the module up, connection pools fill, the sidecar's caches load.
         for stream in [false, true] {
-            wrk::run(
-                &stand.dir,
-                stand.envoy.port,
-                stream,
-                plan.users,
-                plan.connections,
-                plan.warmup_seconds,
-            )
-            .with_context(|| format!("warm-up of {}", stand.label))?;
+            warm_up(plan, stand, stream, plan.warmup_seconds)?;
         }
     }
     for round in 0..plan.rounds {
@@ -238,17 +261,11 @@ async fn measure(plan: &ProxyPlan, stands: &mut [Stand]) -> Result<(f64, f64)> {
         );
         for (shape, stream) in [false, true].into_iter().enumerate() {
             for stand in stands.iter_mut() {
+                warm_up(plan, stand, stream, REWARM_SECONDS)?;
                 let envoy_before = cpu_seconds(stand.envoy.proc.pid()).unwrap_or(0.0);
                 let sidecar_pid = stand.sidecar.as_ref().map(|s| s.proc.pid());
                 let sidecar_before = sidecar_pid.and_then(cpu_seconds).unwrap_or(0.0);
-                let closed = wrk::run(
-                    &stand.dir,
-                    stand.envoy.port,
-                    stream,
-                    plan.users,
-                    plan.connections,
-                    plan.closed_seconds,
-                )?;
+                let closed = closed_loop(plan, stand, stream, plan.closed_seconds)?;
                 let tally = &mut stand.cpu[shape];
                 tally.envoy_seconds +=
                     cpu_seconds(stand.envoy.proc.pid()).unwrap_or(0.0) - envoy_before;
@@ -282,8 +299,13 @@ async fn measure(plan: &ProxyPlan, stands: &mut [Stand]) -> Result<(f64, f64)> {
                     stream,
                     users: plan.users,
                     rate: rates[shape],
-                    seconds: plan.open_seconds,
+                    seconds: REWARM_SECONDS as f64,
                     connections: plan.open_connections,
+                };
+                tokio::task::spawn_blocking(move || openloop::run(open_plan)).await??;
+                let open_plan = OpenLoopPlan {
+                    seconds: plan.open_seconds,
+                    ..open_plan
                 };
                 let samples =
                     tokio::task::spawn_blocking(move || openloop::run(open_plan)).await??;
@@ -326,14 +348,7 @@ fn profile_stands(plan: &ProxyPlan, stands: &[Stand]) -> Vec<Profile> {
         );
         eprintln!("bench: profiling {label}");
         let summary = crate::profile::start(&stand.dir, "proxy", &pids).and_then(|recording| {
-            wrk::run(
-                &stand.dir,
-                stand.envoy.port,
-                stream,
-                plan.users,
-                plan.connections,
-                plan.closed_seconds,
-            )?;
+            closed_loop(plan, stand, stream, plan.closed_seconds)?;
             recording.finish()
         });
         profiles.push(Profile {

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::core::{MemoryResult, SpeedResult};
 use crate::growth::{GrowthSection, LatencyPoint};
 use crate::ledger_bench::{LedgerCell, LedgerSection, Spread};
-use crate::proxy::{ProxySection, ShapeFigures, StandRun};
+use crate::proxy::{ProxySection, ShapeFigures, StandRun, REWARM_SECONDS};
 use crate::upstream::{JSON_TOKENS, STREAM_CHUNKS, TOKENS_PER_CHUNK};
 
 /// Body chunks of one streamed answer: content chunks + finish + usage + `[DONE]`.
@@ -384,7 +384,10 @@ fn render_proxy(out: &mut String, results: &Results) {
     let _ = writeln!(
         out,
         "Envoy with one worker (`--concurrency 1`) in front of the bench upstream; every variant runs at \
-         once and the loads visit them in {} interleaved rounds, so drift hits all alike. {JSON_TOKENS}-token \
+         once and the loads visit them in {} interleaved rounds, so drift hits all alike; each measured run \
+         follows a {REWARM_SECONDS} s unmeasured run of the same load on the same variant, so it measures the \
+         steady state (the other variants ran meanwhile, and the filter releases the lease of a caller idle \
+         for 2 s: without it every window would start with every user's lease to ask again). {JSON_TOKENS}-token \
          non-streamed answers, and streamed answers of {} tokens in {STREAM_CHUNKS} SSE chunks \
          ({CHUNKS_PER_STREAM} body chunks with the finish, usage and `[DONE]` events, each flushed on its own). \
          Closed loop: `wrk`, 1 thread, 32 connections, requests spread over 1000 users. Open loop: a fixed \

@@ -27,6 +27,7 @@ use sqlx::{AnyConnection, Executor};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::authorize::Admission;
+use super::prefetch::Prefetched;
 use super::{Inner, Ledger, LedgerError};
 use crate::storage::{is_unique_violation, Dialect};
 
@@ -90,13 +91,18 @@ impl Op {
         }
     }
 
-    async fn apply(&self, ledger: &Ledger, conn: &mut AnyConnection) -> Result<Done, LedgerError> {
+    async fn apply(
+        &self,
+        ledger: &Ledger,
+        conn: &mut AnyConnection,
+        reads: &mut Prefetched,
+    ) -> Result<Done, LedgerError> {
         match self {
             Op::Reserve { req, admission } => ledger
                 .reserve_on(conn, req, admission)
                 .await
                 .map(Done::Authorized),
-            Op::Settle(req) => ledger.settle_on(conn, req).await.map(Done::Settled),
+            Op::Settle(req) => ledger.settle_on(conn, req, reads).await.map(Done::Settled),
             Op::Void(req) => ledger.void_on(conn, req).await.map(Done::Voided),
             Op::Release(req) => ledger.release_lease_on(conn, req).await.map(Done::Released),
         }
@@ -127,13 +133,17 @@ impl GroupCommit {
     /// Starts the writer tasks: one on SQLite (one writer at a time anyway), a quarter of
     /// the pool on PostgreSQL/MySQL so groups of different users commit in parallel.
     pub(super) fn start(inner: Weak<Inner>, dialect: Dialect, max_connections: u32) -> Self {
+        let default = match dialect {
+            Dialect::Sqlite => 1,
+            Dialect::MySql => max_connections,
+            Dialect::Postgres => max_connections / 4,
+        };
         let writers = match dialect {
             Dialect::Sqlite => 1,
-            Dialect::MySql => max_connections.max(1),
-            Dialect::Postgres => std::env::var("LLM_METER_LEDGER_WRITERS")
+            Dialect::MySql | Dialect::Postgres => std::env::var("LLM_METER_LEDGER_WRITERS")
                 .ok()
                 .and_then(|v| v.parse::<u32>().ok())
-                .unwrap_or(max_connections / 2)
+                .unwrap_or(default)
                 .clamp(1, max_connections.max(1)),
         };
         let (queue, receiver) = mpsc::unbounded_channel();
@@ -244,6 +254,18 @@ async fn attempt(
         .begin_write()
         .await
         .map_err(|e| Failure::Group(e.into()))?;
+    // With savepoints (after a failure) every operation reads for itself.
+    let mut reads = if savepoints {
+        Prefetched::default()
+    } else {
+        match Prefetched::read(ledger, tx.conn(), ops).await {
+            Ok(reads) => reads,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(Failure::Group(e));
+            }
+        }
+    };
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         if savepoints {
@@ -252,7 +274,7 @@ async fn attempt(
                 return Err(Failure::Group(e.into()));
             }
         }
-        let result = op.apply(ledger, tx.conn()).await;
+        let result = op.apply(ledger, tx.conn(), &mut reads).await;
         let result = match result {
             Ok(done) if savepoints => {
                 match tx.conn().execute("RELEASE SAVEPOINT ledger_op").await {

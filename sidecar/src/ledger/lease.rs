@@ -31,6 +31,7 @@ use super::accounts::{
 };
 use super::authorize::{allow, quota_denial, Admission};
 use super::group::{Done, Op};
+use super::prefetch::Prefetched;
 use super::settle::{
     load_hold, measure, push_usage, read_hold, usage_record_exists, usage_record_status, Release,
     Settlement, UsageRow,
@@ -292,11 +293,19 @@ impl Ledger {
         conn: &mut AnyConnection,
         req: &SettleRequest,
         lease_id: &str,
+        reads: &mut Prefetched,
     ) -> Result<Option<SettleResponse>, LedgerError> {
-        if usage_record_exists(self, conn, &req.request_id).await? {
+        // Read ahead, a repeat of this settlement fails on its usage record's unique key and
+        // the group applies it again, reading for itself (see `prefetch.rs`).
+        let read_ahead = reads.take(lease_id);
+        if read_ahead.is_none() && usage_record_exists(self, conn, &req.request_id).await? {
             return self.replay_settlement_on(conn, req).await.map(Some);
         }
-        let (Some(lease), account) = load_hold(self, conn, lease_id).await? else {
+        let loaded = match read_ahead {
+            Some(read_ahead) => read_ahead,
+            None => load_hold(self, conn, lease_id).await?,
+        };
+        let (Some(lease), account) = loaded else {
             return Ok(None);
         };
         if !lease.is_lease() {

@@ -18,7 +18,13 @@ use crate::storage::Db;
 
 const DAY: i64 = 86_400_000;
 
-fn lease_auth(id: &str, user: &str, input: u64, output: u64, units: u64) -> AuthorizeRequest {
+pub(super) fn lease_auth(
+    id: &str,
+    user: &str,
+    input: u64,
+    output: u64,
+    units: u64,
+) -> AuthorizeRequest {
     AuthorizeRequest {
         lease: Some(LeaseAsk {
             units,
@@ -29,7 +35,7 @@ fn lease_auth(id: &str, user: &str, input: u64, output: u64, units: u64) -> Auth
 }
 
 /// A settlement of a call the filter admitted under `lease_id` with a share of `held`.
-fn under(lease_id: &str, held: u64, settle: SettleRequest) -> SettleRequest {
+pub(super) fn under(lease_id: &str, held: u64, settle: SettleRequest) -> SettleRequest {
     SettleRequest {
         lease_id: Some(lease_id.into()),
         held,
@@ -47,7 +53,7 @@ fn lease_void(id: &str, lease_id: &str, held: u64) -> VoidRequest {
     }
 }
 
-fn release(lease_id: &str) -> ReleaseRequest {
+pub(super) fn release(lease_id: &str) -> ReleaseRequest {
     ReleaseRequest {
         lease_id: lease_id.into(),
     }

@@ -50,6 +50,7 @@ mod keys;
 mod lease;
 #[cfg(test)]
 mod lease_tests;
+mod prefetch;
 mod reconcile;
 mod reset;
 mod settle;

@@ -15,6 +15,7 @@ use super::accounts::{
 use super::authorize::MAX_UNITS_PER_CALL;
 use super::group::{Done, Op};
 use super::lease::{is_lease_key, LEASE_PREFIX};
+use super::prefetch::Prefetched;
 use super::{backoff, check_key, retryable, to_i64, Ledger, LedgerError, MAX_ATTEMPTS};
 use crate::pricing::{format_micros, Cost, Measure, PriceVersion};
 use crate::storage::{Batch, Dialect, Value};
@@ -214,9 +215,13 @@ impl Ledger {
         &self,
         conn: &mut AnyConnection,
         req: &SettleRequest,
+        reads: &mut Prefetched,
     ) -> Result<SettleResponse, LedgerError> {
         if let Some(lease_id) = &req.lease_id {
-            if let Some(answer) = self.settle_under_lease_on(conn, req, lease_id).await? {
+            if let Some(answer) = self
+                .settle_under_lease_on(conn, req, lease_id, reads)
+                .await?
+            {
                 return Ok(answer);
             }
             // An unknown lease: the call did run, so it is charged like one without a hold.
@@ -225,7 +230,10 @@ impl Ledger {
         }
         let db = self.db();
         let now = self.now();
-        let (hold, account) = load_hold(self, conn, &req.request_id).await?;
+        let (hold, account) = match reads.take(&req.request_id) {
+            Some(read_ahead) => read_ahead,
+            None => load_hold(self, conn, &req.request_id).await?,
+        };
         let late = hold.as_ref().is_some_and(|h| h.status == "expired");
         let target = match hold {
             Some(h) if h.is_lease() => {
@@ -938,7 +946,7 @@ pub(super) async fn load_hold(
 }
 
 /// The account read with `hold`: columns 10-13 of a hold query.
-fn account_of(
+pub(super) fn account_of(
     hold: &Hold,
     row: &sqlx::any::AnyRow,
     burnable_lots: Option<Vec<LotRow>>,
@@ -983,19 +991,25 @@ async fn load_hold_and_lots(
     let hold = hold_of(first)?;
     let mut lots = Vec::with_capacity(rows.len());
     for row in &rows {
-        let Some(id) = row.try_get::<Option<i64>, _>(14)? else {
-            continue;
-        };
-        lots.push(LotRow {
-            id,
-            status: row.try_get(15)?,
-            remaining: row.try_get(16)?,
-            effective_from: row.try_get(17)?,
-            expires_at: row.try_get(18)?,
-        });
+        lots.extend(lot_of(row)?);
     }
     let account = account_of(&hold, first, Some(lots))?;
     Ok((Some(hold), Some(account)))
+}
+
+/// The lot columns (14-18) of a hold row read with lots (SQLite); None for a hold with no
+/// burnable lot.
+pub(super) fn lot_of(row: &sqlx::any::AnyRow) -> Result<Option<LotRow>, LedgerError> {
+    let Some(id) = row.try_get::<Option<i64>, _>(14)? else {
+        return Ok(None);
+    };
+    Ok(Some(LotRow {
+        id,
+        status: row.try_get(15)?,
+        remaining: row.try_get(16)?,
+        effective_from: row.try_get(17)?,
+        expires_at: row.try_get(18)?,
+    }))
 }
 
 /// The columns [`hold_of`] reads.
@@ -1046,7 +1060,7 @@ async fn load_orphan_hold(
 }
 
 /// The first ten columns of a hold query.
-fn hold_of(row: &sqlx::any::AnyRow) -> Result<Hold, LedgerError> {
+pub(super) fn hold_of(row: &sqlx::any::AnyRow) -> Result<Hold, LedgerError> {
     Ok(Hold {
         user_id: row.try_get(0)?,
         quota_type: row.try_get(1)?,
