@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use llm_meter_protocol::Decision;
+use llm_meter_protocol::{Decision, Finalize, LeaseAsk};
 use llm_meter_sidecar::ledger::{Ledger, LedgerConfig};
 use llm_meter_sidecar::storage::DbOptions;
 use serde::Serialize;
@@ -70,8 +70,26 @@ pub struct LedgerSection {
     /// `perf` summary of this process during the SQLite, concurrency 16, many-users cell.
     pub sqlite_profile: Option<String>,
     pub overdraw: Vec<OverdrawCheck>,
+    /// Settlement batches as the filter's outbox sends them.
+    pub batches: Vec<BatchCell>,
     pub failures: Vec<String>,
 }
+
+/// The filter's settlement path: batches of calls settled under their users' leases, sent
+/// one after another (the outbox keeps one batch in flight), each through `Ledger::finalize`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchCell {
+    pub backend: &'static str,
+    pub batch_size: usize,
+    pub batches: u64,
+    pub settlements_per_s: f64,
+    pub batch_p50_us: u64,
+    pub batch_p99_us: u64,
+    pub errors: u64,
+}
+
+/// Calls per settlement batch (the filter's default `settle_batch_max`).
+pub const SETTLE_BATCH: usize = 100;
 
 /// Run every backend × concurrency × spread cell for `seconds` each.
 pub async fn run(
@@ -84,6 +102,7 @@ pub async fn run(
         cells: Vec::new(),
         sqlite_profile: None,
         overdraw: Vec::new(),
+        batches: Vec::new(),
         failures: Vec::new(),
     };
     for &backend in backends {
@@ -138,6 +157,12 @@ async fn run_backend(
                 section.cells.push(cell);
             }
         }
+        let batches = settle_batches(&ledger, backend, seconds).await?;
+        eprintln!(
+            "bench:   settlement batches of {SETTLE_BATCH}: {:.0} settlements/s",
+            batches.settlements_per_s
+        );
+        section.batches.push(batches);
         let concurrency = concurrencies.iter().copied().max().unwrap_or(16);
         section
             .overdraw
@@ -148,6 +173,57 @@ async fn run_backend(
     .await;
     bench_db.drop_database().await;
     result
+}
+
+/// Leases for every spread user, then batches of [`SETTLE_BATCH`] calls under them, one
+/// batch at a time, for `seconds`.
+async fn settle_batches(ledger: &Ledger, backend: Backend, seconds: f64) -> Result<BatchCell> {
+    let mut leases = Vec::with_capacity(SPREAD_USERS);
+    for i in 0..SPREAD_USERS {
+        let user = seed::user_name(i);
+        let mut ask = authorize_request(&format!("batch-lease-{i}"), &user);
+        ask.lease = Some(LeaseAsk {
+            units: 100_000_000,
+            ttl_ms: 60_000,
+        });
+        let answer = ledger.authorize(&ask).await.context("lease for a batch")?;
+        let lease = answer.lease.context("no lease granted")?;
+        leases.push((user, lease.lease_id));
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let (mut latencies, mut settled, mut errors, mut n) = (Vec::new(), 0u64, 0u64, 0usize);
+    while Instant::now() < deadline {
+        let items: Vec<Finalize> = (0..SETTLE_BATCH)
+            .map(|_| {
+                let (user, lease_id) = &leases[(n * 7919) % SPREAD_USERS];
+                n += 1;
+                let mut call = settle_request(&format!("batch-call-{n}"), user);
+                call.lease_id = Some(lease_id.clone());
+                call.held = units_per_call();
+                Finalize::Settle(call)
+            })
+            .collect();
+        let started = Instant::now();
+        let results = ledger.finalize(&items).await;
+        latencies.push(started.elapsed().as_micros() as u64);
+        for result in results {
+            match result {
+                Ok(_) => settled += 1,
+                Err(_) => errors += 1,
+            }
+        }
+    }
+    let elapsed: f64 = latencies.iter().sum::<u64>() as f64 / 1e6;
+    latencies.sort_unstable();
+    Ok(BatchCell {
+        backend: backend.label(),
+        batch_size: SETTLE_BATCH,
+        batches: latencies.len() as u64,
+        settlements_per_s: settled as f64 / elapsed.max(1e-9),
+        batch_p50_us: quantile(&latencies, 0.5),
+        batch_p99_us: quantile(&latencies, 0.99),
+        errors,
+    })
 }
 
 struct TaskTally {

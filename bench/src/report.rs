@@ -592,6 +592,29 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
         }
         out.push('\n');
     }
+    if !ledger.batches.is_empty() {
+        let _ = writeln!(
+            out,
+            "Settlement batches as the filter sends them: {} calls of {} users per batch, each settled \
+             under its user's lease, one batch in flight at a time (the outbox's rule), each through \
+             `Ledger::finalize` (the sidecar's `/v1/finalize` without HTTP).\n",
+            crate::ledger_bench::SETTLE_BATCH,
+            crate::ledger_bench::SPREAD_USERS
+        );
+        let _ = writeln!(
+            out,
+            "| backend | settlements/s | batch p50 / p99 | batches | errors |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        for b in &ledger.batches {
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {} / {} µs | {} | {} |",
+                b.backend, b.settlements_per_s, b.batch_p50_us, b.batch_p99_us, b.batches, b.errors
+            );
+        }
+        out.push('\n');
+    }
     if let Some(profile) = &ledger.sqlite_profile {
         let _ = writeln!(
             out,

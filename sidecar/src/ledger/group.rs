@@ -311,6 +311,13 @@ async fn attempt(
         };
         results.push(result);
     }
+    // The read-ahead settlements' writes: a failure here names no one operation, so the
+    // group runs again with savepoints (and no read-ahead), as for any failing operation.
+    let deferred = reads.take_deferred();
+    if let Err(e) = deferred.execute(ledger.db().dialect(), tx.conn()).await {
+        let _ = tx.rollback().await;
+        return Err(Failure::Op(e.into()));
+    }
     tx.commit().await.map_err(|e| Failure::Group(e.into()))?;
     Ok(results)
 }

@@ -297,12 +297,13 @@ impl Ledger {
     ) -> Result<Option<SettleResponse>, LedgerError> {
         // Read ahead, a repeat of this settlement fails on its usage record's unique key and
         // the group applies it again, reading for itself (see `prefetch.rs`).
-        let read_ahead = reads.take(lease_id);
-        if read_ahead.is_none() && usage_record_exists(self, conn, &req.request_id).await? {
+        let loaded = reads.take(lease_id);
+        let read_ahead = loaded.is_some();
+        if !read_ahead && usage_record_exists(self, conn, &req.request_id).await? {
             return self.replay_settlement_on(conn, req).await.map(Some);
         }
-        let loaded = match read_ahead {
-            Some(read_ahead) => read_ahead,
+        let loaded = match loaded {
+            Some(loaded) => loaded,
             None => load_hold(self, conn, lease_id).await?,
         };
         let (Some(lease), account) = loaded else {
@@ -344,7 +345,8 @@ impl Ledger {
             held: to_i64(req.held, "held")?,
             lease_id: Some(lease_id),
         };
-        self.record_settlement(conn, settlement, batch, now)
+        let deferred = read_ahead.then(|| reads.deferred());
+        self.record_settlement(conn, settlement, batch, deferred, now)
             .await
             .map(Some)
     }

@@ -3,7 +3,9 @@
 //! A settlement starts by reading its hold and account (on SQLite with the account's first
 //! lots in burn order): a round trip per call, which costs thread hand-offs in sqlx's SQLite
 //! driver or a network round trip to PostgreSQL, and round trips, not work, bound the
-//! ledger. A group reads these rows for all of its settlements at once, right after BEGIN.
+//! ledger. A group reads these rows for all of its settlements at once, right after BEGIN,
+//! and the settlements that used them write at the end of the group, all together, merged
+//! into a few statements (their writes touch rows no other operation of the group reads).
 //!
 //! A row read ahead stays true for the one operation that owns it only while nothing else
 //! can change it before that operation runs:
@@ -34,15 +36,17 @@ use super::group::Op;
 use super::lease::lease_id_for;
 use super::settle::{account_of, hold_of, lot_of, Hold};
 use super::{Ledger, LedgerError};
-use crate::storage::Dialect;
+use crate::storage::{Batch, Dialect};
 
 /// Most hold keys one read-ahead query names (larger groups read in several queries).
 const KEYS_PER_QUERY: usize = 128;
 
-/// Holds and accounts read ahead for a group's settlements, by hold key.
+/// Holds and accounts read ahead for a group's settlements, by hold key, and the writes
+/// of the settlements that used them, applied together at the end of the group.
 #[derive(Default)]
 pub(super) struct Prefetched {
     holds: HashMap<String, (Hold, Account)>,
+    deferred: Batch,
 }
 
 impl Prefetched {
@@ -51,6 +55,18 @@ impl Prefetched {
     pub fn take(&mut self, key: &str) -> Option<(Option<Hold>, Option<Account>)> {
         let (hold, account) = self.holds.remove(key)?;
         Some((Some(hold), Some(account)))
+    }
+
+    /// Where a settlement that used rows read ahead leaves its writes: they touch rows no
+    /// other operation of the group reads, so they can wait for the end of the group and
+    /// go to the database merged with the others' (see [`Batch::merged`]).
+    pub fn deferred(&mut self) -> &mut Batch {
+        &mut self.deferred
+    }
+
+    /// The deferred writes, merged, to apply before the group commits.
+    pub fn take_deferred(&mut self) -> Batch {
+        std::mem::take(&mut self.deferred).merged()
     }
 
     /// Reads ahead for `ops` on `conn` (inside the group's transaction). Empty when it
@@ -81,6 +97,7 @@ impl Prefetched {
         }
         Ok(Prefetched {
             holds: owned_by_one(ops, found),
+            deferred: Batch::default(),
         })
     }
 }

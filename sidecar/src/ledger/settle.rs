@@ -230,8 +230,10 @@ impl Ledger {
         }
         let db = self.db();
         let now = self.now();
-        let (hold, account) = match reads.take(&req.request_id) {
-            Some(read_ahead) => read_ahead,
+        let loaded = reads.take(&req.request_id);
+        let read_ahead = loaded.is_some();
+        let (hold, account) = match loaded {
+            Some(loaded) => loaded,
             None => load_hold(self, conn, &req.request_id).await?,
         };
         let late = hold.as_ref().is_some_and(|h| h.status == "expired");
@@ -297,16 +299,20 @@ impl Ledger {
             held: target.release,
             lease_id: None,
         };
-        self.record_settlement(conn, settlement, batch, now).await
+        let deferred = read_ahead.then(|| reads.deferred());
+        self.record_settlement(conn, settlement, batch, deferred, now)
+            .await
     }
 
     /// Charges a measured settlement and records it (usage record, daily costs, journal),
-    /// applying `batch` (the settlement's other writes) with it.
+    /// applying `batch` (the settlement's other writes) with it, or leaving them all in
+    /// `deferred` (a group's read-ahead settlement, see `prefetch.rs`).
     pub(super) async fn record_settlement(
         &self,
         conn: &mut AnyConnection,
         settlement: Settlement<'_>,
         mut batch: Batch,
+        deferred: Option<&mut Batch>,
         now: i64,
     ) -> Result<SettleResponse, LedgerError> {
         let Settlement {
@@ -353,7 +359,10 @@ impl Ledger {
         push_usage(self, &mut batch, &row, target.price.is_none(), now);
         push_daily_cost(self, &mut batch, &row, now);
         journal.into_batch(&mut batch, now);
-        batch.execute(self.db().dialect(), conn).await?;
+        match deferred {
+            Some(deferred) => deferred.append(batch),
+            None => batch.execute(self.db().dialect(), conn).await?,
+        }
         if debt > 0 {
             tracing::warn!(request_id = %req.request_id, user = %target.user_id,
                 quota_type = %target.quota_type, debt, "usage exceeded the balance; recorded as debt");

@@ -13,6 +13,7 @@ pub mod schema;
 pub mod testing;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,24 +67,7 @@ impl Dialect {
         if self != Dialect::Postgres || !sql.contains('?') {
             return Cow::Borrowed(sql);
         }
-        let mut out = String::with_capacity(sql.len() + 16);
-        let mut n = 0;
-        let mut in_literal = false;
-        for ch in sql.chars() {
-            match ch {
-                '\'' => {
-                    in_literal = !in_literal;
-                    out.push(ch);
-                }
-                '?' if !in_literal => {
-                    n += 1;
-                    out.push('$');
-                    out.push_str(&n.to_string());
-                }
-                _ => out.push(ch),
-            }
-        }
-        Cow::Owned(out)
+        Cow::Owned(number_placeholders(sql, 0, "$").0)
     }
 
     /// `SUM(expr)` as a BIGINT the `Any` driver can decode (PG sums to NUMERIC, MySQL to DECIMAL).
@@ -580,6 +564,9 @@ impl From<Option<&str>> for Value {
 #[derive(Debug, Default)]
 pub struct Batch {
     statements: Vec<(String, Vec<Value>)>,
+    /// Merged statements (see [`Batch::merged`]) have a new text for nearly every group:
+    /// they are prepared for one use and not kept in the connection's statement cache.
+    one_off: bool,
 }
 
 impl Batch {
@@ -603,7 +590,7 @@ impl Batch {
         let combined = match dialect {
             Dialect::MySql => {
                 for (sql, values) in self.statements {
-                    bind_values(sqlx::query(&sql), values)
+                    bind_values(sqlx::query(&sql).persistent(!self.one_off), values)
                         .execute(&mut *conn)
                         .await?;
                 }
@@ -625,11 +612,198 @@ impl Batch {
         };
         let sql = dialect.sql(&combined);
         let values = self.statements.into_iter().flat_map(|(_, v)| v).collect();
-        bind_values(sqlx::query(&sql), values)
+        bind_values(sqlx::query(&sql).persistent(!self.one_off), values)
             .execute(&mut *conn)
             .await?;
         Ok(())
     }
+}
+
+/// Most values one merged statement binds (SQLite allows 32,766).
+const MAX_MERGED_VALUES: usize = 30_000;
+
+impl Batch {
+    /// Moves `other`'s statements to the end of this batch.
+    pub fn append(&mut self, other: Batch) {
+        self.statements.extend(other.statements);
+    }
+
+    /// The same writes in far fewer statements (SQLite): statements of the same text become
+    /// one, an INSERT with a VALUES row each, an UPDATE joined to a VALUES list
+    /// (`UPDATE .. FROM`, SQLite 3.33+). Every statement is a round trip's worth of work in
+    /// sqlx's SQLite driver, so a group's writes cost a handful of statements, not several
+    /// per call.
+    ///
+    /// Only for writes that read none of each other's rows (a group's settlements that share
+    /// no account, see `ledger::prefetch`): statements of different texts may run in another
+    /// order. UPDATEs of one text naming the same row twice are not merged (UPDATE .. FROM
+    /// would apply one of them), and keep their order.
+    pub fn merged(self) -> Batch {
+        let mut shapes: Vec<(String, Vec<Vec<Value>>)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for (sql, values) in self.statements {
+            match index.get(&sql) {
+                Some(&i) => shapes[i].1.push(values),
+                None => {
+                    index.insert(sql.clone(), shapes.len());
+                    shapes.push((sql, vec![values]));
+                }
+            }
+        }
+        let mut merged = Batch {
+            one_off: true,
+            ..Batch::default()
+        };
+        for (sql, rows) in shapes {
+            let statements = if rows.len() < 2 {
+                None
+            } else if sql.starts_with("INSERT INTO ") {
+                merge_insert(&sql, &rows)
+            } else if sql.starts_with("UPDATE ") {
+                merge_update(&sql, &rows)
+            } else {
+                None
+            };
+            match statements {
+                Some(statements) => merged.statements.extend(statements),
+                None => merged
+                    .statements
+                    .extend(rows.into_iter().map(|values| (sql.clone(), values))),
+            }
+        }
+        merged
+    }
+}
+
+/// `INSERT INTO t (..) VALUES (..)[, (..)][ tail]` split into the part before the rows,
+/// the rows and the tail (`ON CONFLICT ..`). None when the tail binds values.
+fn split_insert(sql: &str) -> Option<(&str, &str, &str)> {
+    let at = sql.find(" VALUES ")?;
+    let (head, after) = (&sql[..at], &sql[at + " VALUES ".len()..]);
+    let bytes = after.as_bytes();
+    let mut end = 0;
+    loop {
+        let mut i = end;
+        while bytes.get(i) == Some(&b' ') {
+            i += 1;
+        }
+        if bytes.get(i) != Some(&b'(') {
+            return None;
+        }
+        let mut depth = 0;
+        let mut quoted = false;
+        loop {
+            match bytes.get(i)? {
+                b'\'' => quoted = !quoted,
+                b'(' if !quoted => depth += 1,
+                b')' if !quoted => {
+                    depth -= 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        end = i + 1;
+        let mut next = end;
+        while bytes.get(next) == Some(&b' ') {
+            next += 1;
+        }
+        if bytes.get(next) != Some(&b',') {
+            break;
+        }
+        end = next + 1;
+    }
+    let (rows, tail) = after.split_at(end);
+    (placeholders(tail) == 0).then_some((head, rows, tail))
+}
+
+fn merge_insert(sql: &str, rows: &[Vec<Value>]) -> Option<Vec<(String, Vec<Value>)>> {
+    let (head, tuple, tail) = split_insert(sql)?;
+    let per_statement = rows[0].len();
+    if placeholders(tuple) != per_statement {
+        return None;
+    }
+    let chunk = (MAX_MERGED_VALUES / per_statement.max(1)).max(1);
+    let statements = rows
+        .chunks(chunk)
+        .map(|chunk| {
+            let tuples = vec![tuple.trim(); chunk.len()].join(", ");
+            (format!("{head} VALUES {tuples}{tail}"), chunk.concat())
+        })
+        .collect();
+    Some(statements)
+}
+
+/// `UPDATE t SET .. WHERE ..` with the i-th placeholder read from column i of a VALUES
+/// list, one row per statement. None for other shapes and when two statements name the
+/// same row (the same values bound in WHERE).
+fn merge_update(sql: &str, rows: &[Vec<Value>]) -> Option<Vec<(String, Vec<Value>)>> {
+    let rest = sql.strip_prefix("UPDATE ")?;
+    let (table, rest) = rest.split_once(" SET ")?;
+    let (assignments, condition) = rest.split_once(" WHERE ")?;
+    let lowered = rest.to_ascii_lowercase();
+    if table.contains(' ') || lowered.contains("select") || lowered.contains(" from ") {
+        return None;
+    }
+    let per_statement = rows[0].len();
+    let in_condition = placeholders(condition);
+    if placeholders(assignments) + in_condition != per_statement || in_condition == 0 {
+        return None;
+    }
+    let mut keys = std::collections::HashSet::new();
+    for row in rows {
+        if !keys.insert(format!("{:?}", &row[per_statement - in_condition..])) {
+            return None;
+        }
+    }
+    let (assignments, last) = number_placeholders(assignments, 0, "v.column");
+    let (condition, _) = number_placeholders(condition, last, "v.column");
+    let tuple = format!("({})", vec!["?"; per_statement].join(", "));
+    let chunk = (MAX_MERGED_VALUES / per_statement).max(1);
+    let statements = rows
+        .chunks(chunk)
+        .map(|chunk| {
+            let tuples = vec![tuple.as_str(); chunk.len()].join(", ");
+            (
+                format!(
+                    "UPDATE {table} SET {assignments} FROM (VALUES {tuples}) AS v WHERE {condition}"
+                ),
+                chunk.concat(),
+            )
+        })
+        .collect();
+    Some(statements)
+}
+
+/// Placeholders (`?`) outside string literals.
+fn placeholders(sql: &str) -> usize {
+    number_placeholders(sql, 0, "").1
+}
+
+/// `sql` with each `?` outside string literals replaced by `prefix` and its number, counting
+/// on from `after`; and the last number given.
+fn number_placeholders(sql: &str, after: usize, prefix: &str) -> (String, usize) {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = after;
+    let mut in_literal = false;
+    for ch in sql.chars() {
+        match ch {
+            '\'' => {
+                in_literal = !in_literal;
+                out.push(ch);
+            }
+            '?' if !in_literal => {
+                n += 1;
+                out.push_str(prefix);
+                out.push_str(&n.to_string());
+            }
+            _ => out.push(ch),
+        }
+    }
+    (out, n)
 }
 
 /// Binds `values` in order to `query`.
@@ -711,6 +885,61 @@ mod tests {
             drop(conn);
             t.cleanup().await;
         }
+    }
+
+    /// Merging keeps what a batch writes: same-text INSERTs (an upsert naming one key twice
+    /// included) become one, UPDATEs of distinct rows one `UPDATE .. FROM`, and UPDATEs of
+    /// one row twice stay apart and in order; a `?` inside a literal binds nothing.
+    #[tokio::test]
+    async fn merged_batches_write_what_their_statements_would() {
+        let t = testing::fresh(Dialect::Sqlite).await;
+        let mut conn = t.db.pool().acquire().await.unwrap();
+        conn.execute("CREATE TABLE m (k TEXT PRIMARY KEY, n INTEGER NOT NULL, note TEXT)")
+            .await
+            .unwrap();
+        let mut batch = Batch::default();
+        for (k, n) in [("x", 1i64), ("y", 2), ("x", 3)] {
+            batch.push(
+                "INSERT INTO m (k, n, note) VALUES (?, ?, 'why?') \
+                 ON CONFLICT (k) DO UPDATE SET n = m.n + excluded.n",
+                vec![k.into(), n.into()],
+            );
+        }
+        for (k, note) in [("x", "n1"), ("y", "n2")] {
+            batch.push(
+                "UPDATE m SET n = n * ?, note = ? WHERE k = ?",
+                vec![10i64.into(), note.into(), k.into()],
+            );
+        }
+        for by in [1i64, 2] {
+            batch.push(
+                "UPDATE m SET n = n - ? WHERE k = ?",
+                vec![by.into(), "x".into()],
+            );
+        }
+        let merged = batch.merged();
+        let texts: Vec<&str> = merged.statements.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(texts.len(), 4, "{texts:#?}");
+        assert!(texts[0].contains("VALUES (?, ?, 'why?'), (?, ?, 'why?'), (?, ?, 'why?') ON"));
+        assert!(texts[1].contains("FROM (VALUES (?, ?, ?), (?, ?, ?)) AS v WHERE k = v.column3"));
+        assert_eq!(texts[2], texts[3], "one row twice: not merged");
+        merged.execute(Dialect::Sqlite, &mut conn).await.unwrap();
+        let rows: Vec<(String, i64, String)> = sqlx::query("SELECT k, n, note FROM m ORDER BY k")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                use sqlx::Row;
+                (r.get(0), r.get(1), r.get(2))
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [("x".into(), 37, "n1".into()), ("y".into(), 20, "n2".into())]
+        );
+        drop(conn);
+        t.cleanup().await;
     }
 
     async fn provider_count(db: &Db) -> i64 {
