@@ -12,6 +12,7 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_RESPONSE_JSON_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_SETTLE_BATCH_MAX: usize = 100;
+pub const DEFAULT_SETTLE_MAX_IN_FLIGHT: usize = 2;
 pub const DEFAULT_SETTLE_RETRY_INITIAL_MS: u64 = 500;
 pub const DEFAULT_SETTLE_RETRY_MAX_MS: u64 = 30_000;
 pub const DEFAULT_SETTLE_TICK_MS: u64 = 200;
@@ -80,6 +81,9 @@ pub struct Config {
     /// Most settlements sent in one finalize batch.
     #[serde(default = "default_settle_batch_max")]
     pub settle_batch_max: usize,
+    /// Finalize batches sent and not yet answered, at most (see `outbox`).
+    #[serde(default = "default_settle_max_in_flight")]
+    pub settle_max_in_flight: usize,
     #[serde(default = "default_settle_retry_initial_ms")]
     pub settle_retry_initial_ms: u64,
     #[serde(default = "default_settle_retry_max_ms")]
@@ -197,6 +201,12 @@ impl Config {
         )?;
         in_range("settle_batch_max", self.settle_batch_max as u64, 1, 10_000)?;
         in_range(
+            "settle_max_in_flight",
+            self.settle_max_in_flight as u64,
+            1,
+            16,
+        )?;
+        in_range(
             "settle_retry_initial_ms",
             self.settle_retry_initial_ms,
             1,
@@ -311,6 +321,9 @@ fn default_max_response_json_bytes() -> usize {
 fn default_settle_batch_max() -> usize {
     DEFAULT_SETTLE_BATCH_MAX
 }
+fn default_settle_max_in_flight() -> usize {
+    DEFAULT_SETTLE_MAX_IN_FLIGHT
+}
 fn default_settle_retry_initial_ms() -> u64 {
     DEFAULT_SETTLE_RETRY_INITIAL_MS
 }
@@ -385,7 +398,7 @@ mod tests {
             "provider": "anthropic", "format": "anthropic", "max_request_body_bytes": 2048,
             "inject_include_usage": false, "strip_injected_usage_chunk": false,
             "max_event_bytes": 4096,
-            "max_response_json_bytes": 8192, "settle_batch_max": 7,
+            "max_response_json_bytes": 8192, "settle_batch_max": 7, "settle_max_in_flight": 3,
             "settle_retry_initial_ms": 10, "settle_retry_max_ms": 20, "settle_tick_ms": 50,
             "outbox_capacity": 3, "lease_units": 0, "lease_ttl_ms": 500, "lease_idle_ms": 20,
             "max_leases": 9,
@@ -401,10 +414,11 @@ mod tests {
         assert_eq!(
             (
                 config.settle_batch_max,
+                config.settle_max_in_flight,
                 config.outbox_capacity,
                 config.settle_tick_ms
             ),
-            (7, 3, 50)
+            (7, 3, 3, 50)
         );
         let lease = config.lease_config();
         assert!(!lease.enabled());
@@ -452,6 +466,8 @@ mod tests {
             ("user_id_header", json!(":path")),
             ("max_request_body_bytes", json!(0)),
             ("settle_batch_max", json!(0)),
+            ("settle_max_in_flight", json!(0)),
+            ("settle_max_in_flight", json!(17)),
             ("outbox_capacity", json!(0)),
             ("inject_include_usage", json!("yes")),
             ("strip_injected_usage_chunk", json!(1)),

@@ -4,7 +4,12 @@
 //! asks for the next batch on each tick, and reports how the batch went. Items are retried
 //! with exponential backoff until the sidecar applies them (or rejects them for good); the
 //! queue is bounded, and what does not fit is dropped and counted rather than growing the
-//! VM's memory without limit. At most one batch is in flight at a time.
+//! VM's memory without limit. At most `max_in_flight` batches are in flight at a time: one
+//! batch per round trip bounds the settlement rate by the round trip's latency, and a second
+//! one lets the sidecar parse the next batch while it applies this one. Batches in flight
+//! together may be applied in either order, as retried items already could be: every item
+//! is idempotent, and a call's settlement that arrives after its lease's release is charged
+//! in full as a settlement without a hold.
 
 use llm_meter_protocol::{Finalize, FinalizeResult};
 use std::collections::VecDeque;
@@ -12,6 +17,8 @@ use std::collections::VecDeque;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxConfig {
     pub batch_max: usize,
+    /// Batches sent and not yet answered, at most.
+    pub max_in_flight: usize,
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
     pub capacity: usize,
@@ -67,7 +74,7 @@ pub struct BatchReport {
 pub struct Outbox {
     config: OutboxConfig,
     queue: VecDeque<Entry>,
-    in_flight: Option<InFlight>,
+    in_flight: Vec<InFlight>,
     next_batch_id: u64,
 }
 
@@ -76,14 +83,19 @@ impl Outbox {
         Outbox {
             config,
             queue: VecDeque::new(),
-            in_flight: None,
+            in_flight: Vec::new(),
             next_batch_id: 1,
         }
     }
 
     /// Items waiting or in flight.
     pub fn len(&self) -> usize {
-        self.queue.len() + self.in_flight.as_ref().map_or(0, |f| f.entries.len())
+        self.queue.len()
+            + self
+                .in_flight
+                .iter()
+                .map(|f| f.entries.len())
+                .sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -103,7 +115,12 @@ impl Outbox {
     }
 
     pub fn has_in_flight(&self) -> bool {
-        self.in_flight.is_some()
+        !self.in_flight.is_empty()
+    }
+
+    /// Whether batch `batch_id` was sent and is not yet answered, failed or expired.
+    pub fn is_in_flight(&self, batch_id: u64) -> bool {
+        self.in_flight.iter().any(|f| f.id == batch_id)
     }
 
     pub fn push(&mut self, item: Finalize, now_ms: u64) -> PushResult {
@@ -118,10 +135,11 @@ impl Outbox {
         PushResult::Queued
     }
 
-    /// The next batch to send, if nothing is in flight and something is due. Items whose
-    /// backoff has not elapsed stay queued; order among due items is preserved.
+    /// The next batch to send, if fewer than `max_in_flight` are in flight and something is
+    /// due. Items whose backoff has not elapsed stay queued; order among due items is
+    /// preserved.
     pub fn next_batch(&mut self, now_ms: u64) -> Option<Batch> {
-        if self.in_flight.is_some() {
+        if self.in_flight.len() >= self.config.max_in_flight.max(1) {
             return None;
         }
         let mut taken = Vec::new();
@@ -140,7 +158,7 @@ impl Outbox {
         let id = self.next_batch_id;
         self.next_batch_id += 1;
         let items = taken.iter().map(|e| e.item.clone()).collect();
-        self.in_flight = Some(InFlight {
+        self.in_flight.push(InFlight {
             id,
             entries: taken,
             deadline_ms: now_ms.saturating_add(self.config.in_flight_deadline_ms),
@@ -204,25 +222,23 @@ impl Outbox {
         count
     }
 
-    /// Fail the in-flight batch if its deadline passed. Returns the items retried.
+    /// Fail every in-flight batch whose deadline passed. Returns the items retried.
     pub fn expire_in_flight(&mut self, now_ms: u64) -> u64 {
-        match &self.in_flight {
-            Some(flight) if flight.deadline_ms <= now_ms => {
-                let id = flight.id;
-                self.on_batch_failed(id, now_ms)
-            }
-            _ => 0,
-        }
+        let expired: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|f| f.deadline_ms <= now_ms)
+            .map(|f| f.id)
+            .collect();
+        expired
+            .into_iter()
+            .map(|id| self.on_batch_failed(id, now_ms))
+            .sum()
     }
 
     fn take_in_flight(&mut self, batch_id: u64) -> Option<Vec<Entry>> {
-        match self.in_flight.take() {
-            Some(flight) if flight.id == batch_id => Some(flight.entries),
-            other => {
-                self.in_flight = other;
-                None
-            }
-        }
+        let at = self.in_flight.iter().position(|f| f.id == batch_id)?;
+        Some(self.in_flight.remove(at).entries)
     }
 
     fn requeue(&mut self, mut entry: Entry, now_ms: u64) {
@@ -263,6 +279,7 @@ mod tests {
     fn config() -> OutboxConfig {
         OutboxConfig {
             batch_max: 2,
+            max_in_flight: 1,
             retry_initial_ms: 100,
             retry_max_ms: 1000,
             capacity: 4,
@@ -314,6 +331,45 @@ mod tests {
         outbox.on_batch_results(second.id, &[ok("c")], 2);
         assert!(outbox.is_empty());
         assert!(outbox.next_batch(3).is_none());
+    }
+
+    /// Two batches may be in flight; answers may come back in either order, each frees its
+    /// own slot, and an expired one is retried without touching the other.
+    #[test]
+    fn batches_in_flight_are_answered_in_any_order() {
+        let mut outbox = Outbox::new(OutboxConfig {
+            max_in_flight: 2,
+            capacity: 10,
+            ..config()
+        });
+        for id in ["a", "b", "c", "d", "e", "f"] {
+            outbox.push(item(id), 0);
+        }
+        let first = outbox.next_batch(0).unwrap();
+        let second = outbox.next_batch(0).unwrap();
+        assert_eq!(
+            (ids(&first), ids(&second)),
+            (vec!["a", "b"], vec!["c", "d"])
+        );
+        assert!(outbox.next_batch(0).is_none(), "two in flight at most");
+        assert_eq!(outbox.len(), 6, "in flight still counts");
+
+        let report = outbox.on_batch_results(second.id, &[ok("c"), ok("d")], 1);
+        assert_eq!((report.settled, report.stale), (2, false));
+        assert!(outbox.is_in_flight(first.id) && !outbox.is_in_flight(second.id));
+        let third = outbox.next_batch(1).unwrap();
+        assert_eq!(ids(&third), ["e", "f"]);
+
+        // The first batch's deadline passes: it alone is retried.
+        assert_eq!(outbox.expire_in_flight(5000), 2);
+        assert!(!outbox.is_in_flight(first.id) && outbox.is_in_flight(third.id));
+        let stale = outbox.on_batch_results(first.id, &[ok("a"), ok("b")], 5001);
+        assert!(stale.stale);
+        outbox.on_batch_results(third.id, &[ok("e"), ok("f")], 5001);
+        let retried = outbox.next_batch(5100).unwrap();
+        assert_eq!(ids(&retried), ["a", "b"]);
+        outbox.on_batch_results(retried.id, &[ok("a"), ok("b")], 5101);
+        assert!(outbox.is_empty());
     }
 
     #[test]

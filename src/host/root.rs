@@ -137,8 +137,8 @@ impl Shared {
 pub struct MeterRoot {
     context_id: u32,
     shared: Option<Rc<Shared>>,
-    /// HTTP call token and batch id of the batch in flight.
-    in_flight: Option<(u32, u64)>,
+    /// HTTP call token and batch id of each batch in flight.
+    in_flight: Vec<(u32, u64)>,
     /// The plugin is shutting down (e.g. its listener was reloaded and drained): keep
     /// delivering, retries included, until the outbox is empty or this deadline (Unix ms)
     /// passes, then signal `done`. The VM outlives the plugin, so its ticks keep coming.
@@ -154,7 +154,7 @@ impl MeterRoot {
         MeterRoot {
             context_id,
             shared: None,
-            in_flight: None,
+            in_flight: Vec::new(),
             draining_until: None,
         }
     }
@@ -163,28 +163,28 @@ impl MeterRoot {
         unix_ms(self.get_current_time())
     }
 
-    /// Send the next due batch if none is in flight.
+    /// Send due batches while fewer than `settle_max_in_flight` are in flight.
     fn flush(&mut self, shared: &Shared) {
-        if self.in_flight.is_some() {
-            return;
-        }
-        let now = self.now_ms();
-        let Ok(mut outbox) = shared.outbox.try_borrow_mut() else {
-            return;
-        };
-        let Some(batch) = outbox.next_batch(now) else {
-            return;
-        };
-        // Never hold the borrow across a host call.
-        drop(outbox);
-        match self.send_batch(shared, &batch) {
-            Ok(token) => self.in_flight = Some((token, batch.id)),
-            Err(reason) => {
-                log::warn!(
-                    "llm-meter: finalize batch of {} not sent: {reason}",
-                    batch.items.len()
-                );
-                self.batch_failed(shared, batch.id);
+        loop {
+            let now = self.now_ms();
+            let Ok(mut outbox) = shared.outbox.try_borrow_mut() else {
+                return;
+            };
+            let Some(batch) = outbox.next_batch(now) else {
+                return;
+            };
+            // Never hold the borrow across a host call.
+            drop(outbox);
+            match self.send_batch(shared, &batch) {
+                Ok(token) => self.in_flight.push((token, batch.id)),
+                Err(reason) => {
+                    log::warn!(
+                        "llm-meter: finalize batch of {} not sent: {reason}",
+                        batch.items.len()
+                    );
+                    self.batch_failed(shared, batch.id);
+                    return;
+                }
             }
         }
     }
@@ -310,16 +310,12 @@ impl Context for MeterRoot {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        match self.in_flight {
-            Some((token, batch_id)) if token == token_id => {
-                self.in_flight = None;
-                self.on_batch_answer(&shared, batch_id, body_size);
-            }
-            _ => {
-                log::debug!("llm-meter: answer to an expired finalize call ignored");
-                return;
-            }
-        }
+        let Some(at) = self.in_flight.iter().position(|(t, _)| *t == token_id) else {
+            log::debug!("llm-meter: answer to an expired finalize call ignored");
+            return;
+        };
+        let (_, batch_id) = self.in_flight.remove(at);
+        self.on_batch_answer(&shared, batch_id, body_size);
         if self.check_drained(&shared) {
             return;
         }
@@ -362,6 +358,7 @@ impl RootContext for MeterRoot {
         };
         let outbox_config = OutboxConfig {
             batch_max: config.settle_batch_max,
+            max_in_flight: config.settle_max_in_flight,
             retry_initial_ms: config.settle_retry_initial_ms,
             retry_max_ms: config.settle_retry_max_ms,
             capacity: config.outbox_capacity,
@@ -402,13 +399,16 @@ impl RootContext for MeterRoot {
         };
         let now = self.now_ms();
         let expired = match shared.outbox.try_borrow_mut() {
-            Ok(mut outbox) => outbox.expire_in_flight(now),
+            Ok(mut outbox) => {
+                let expired = outbox.expire_in_flight(now);
+                self.in_flight.retain(|(_, id)| outbox.is_in_flight(*id));
+                expired
+            }
             Err(_) => 0,
         };
         if expired > 0 {
             log::warn!("llm-meter: finalize batch unanswered past its deadline, will retry");
             shared.metrics.settlement_retries.add(expired);
-            self.in_flight = None;
         }
         shared.release_spent_leases(now);
         if self.check_drained(&shared) {
