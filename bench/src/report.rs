@@ -436,12 +436,18 @@ fn render_proxy(out: &mut String, results: &Results) {
                 )
             };
             let open = figures.open.as_ref().map_or("-".into(), |o| {
-                if figures.median_rps() < o.target_rate || o.achieved_rate < 0.9 * o.target_rate {
+                if figures.median_rps() < o.target_rate {
                     return format!(
                         "overloaded: capacity {:.0} req/s < {:.0} req/s (p50 {} ms)",
                         figures.median_rps(),
                         o.target_rate,
                         o.p50_us / 1000
+                    );
+                }
+                if o.achieved_rate < 0.9 * o.target_rate {
+                    return format!(
+                        "did not hold {:.0} req/s: {:.0} req/s answered 2xx, {} refused or failed",
+                        o.target_rate, o.achieved_rate, o.failed
                     );
                 }
                 format!(

@@ -182,6 +182,11 @@ struct Inner {
     clock: Clock,
     /// Started on first use (it needs the async runtime).
     writers: OnceLock<group::GroupCommit>,
+    /// Settlement batches are applied one at a time in a process (see `Ledger::finalize`).
+    finalize_turn: tokio::sync::Mutex<()>,
+    /// Attempts that failed with a transient error (deadlock, busy, lost connection) and
+    /// were tried again.
+    retries: std::sync::atomic::AtomicU64,
 }
 
 const MAX_ATTEMPTS: u32 = 8;
@@ -200,6 +205,8 @@ impl Ledger {
                 prices,
                 clock,
                 writers: OnceLock::new(),
+                finalize_turn: tokio::sync::Mutex::new(()),
+                retries: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -249,6 +256,20 @@ impl Ledger {
 
     /// Runs one transaction attempt again on deadlocks, serialization failures, busy
     /// databases and lost idempotency races, with a short growing back-off.
+    /// Operations tried again after a transient error (a deadlock, a busy database, a lost
+    /// connection) since this ledger started.
+    pub fn transient_retries(&self) -> u64 {
+        self.inner
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_retry(&self) {
+        self.inner
+            .retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, LedgerError>
     where
         F: FnMut() -> Fut,
@@ -258,7 +279,10 @@ impl Ledger {
         loop {
             tries += 1;
             match attempt().await {
-                Err(e) if tries < MAX_ATTEMPTS && retryable(&e) => backoff(tries).await,
+                Err(e) if tries < MAX_ATTEMPTS && retryable(&e) => {
+                    self.count_retry();
+                    backoff(tries).await
+                }
                 other => return other,
             }
         }

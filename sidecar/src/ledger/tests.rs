@@ -1473,6 +1473,59 @@ async fn finalize_batches_answer_each_item_like_single_calls() {
     }
 }
 
+/// Two settlement batches arriving together (two batches in flight from one Envoy worker,
+/// or two workers) name the same users in opposite orders. Applied at once by two group
+/// writers they would lock those users' accounts in opposite orders, and PostgreSQL
+/// deadlocked; one batch at a time, nothing is retried and every call settles once.
+#[tokio::test]
+async fn concurrent_settlement_batches_settle_without_retries() {
+    for t in each_backend().await {
+        seed_catalog(&t.db).await;
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        let users: Vec<String> = (0..40).map(|i| format!("cb-{i:02}")).collect();
+        let mut forward = Vec::new();
+        let mut backward = Vec::new();
+        for (i, user) in users.iter().enumerate() {
+            l.grant(&grant_req(user, 10_000, &format!("g-{user}")))
+                .await
+                .unwrap();
+            for (batch, id) in [
+                (&mut forward, format!("f-{i}")),
+                (&mut backward, format!("b-{i}")),
+            ] {
+                l.authorize(&auth(&id, user, 10, 10)).await.unwrap();
+                batch.push(llm_meter_protocol::Finalize::Settle(settle_req(
+                    &id, user, 10, 10,
+                )));
+            }
+        }
+        backward.reverse();
+        let before = l.transient_retries();
+        let (a, b) = tokio::join!(l.finalize(&forward), l.finalize(&backward));
+        let backend = t.backend;
+        for result in a.iter().chain(&b) {
+            let status = result.as_ref().map(|r| r.status).ok();
+            assert_eq!(
+                status,
+                Some(SettleStatus::Settled),
+                "{backend:?}: {result:?}"
+            );
+        }
+        assert_eq!(l.transient_retries() - before, 0, "{backend:?}");
+        for user in &users {
+            let balance = l.balance(user, "text_token").await.unwrap().unwrap();
+            assert_eq!(
+                (balance.remaining, balance.held),
+                (10_000 - 40, 0),
+                "{backend:?}"
+            );
+        }
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}
+
 /// Fail-open: the settlement reaches the ledger before its late authorize. The authorize
 /// holds nothing, and hold expiry goes on past a hold that cannot be expired.
 #[tokio::test]
