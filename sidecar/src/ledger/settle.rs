@@ -546,10 +546,11 @@ impl Ledger {
     pub async fn finalize(&self, items: &[Finalize]) -> Vec<Result<SettleResponse, LedgerError>> {
         // One batch at a time: a batch's operations keep their order (a lease's release comes
         // after its calls' settlements), so two batches applied at once by different writers
-        // lock their users' rows in different orders, and on PostgreSQL they deadlocked
-        // (measured: 18,200 settlement retries with two batches in flight from one Envoy
-        // worker). SQLite has one writer anyway; the next batch's HTTP and parsing still
-        // overlap with this one's transaction.
+        // lock their users' rows in different orders: PostgreSQL deadlocked (18,200
+        // settlement retries in a bench run with two batches in flight from one Envoy worker)
+        // and MariaDB retried (see `concurrent_settlement_batches_settle_without_retries`).
+        // SQLite has one writer anyway; the next batch's HTTP and parsing still overlap with
+        // this one's transaction.
         let _turn = self.inner.finalize_turn.lock().await;
         let mut results: Vec<Option<Result<SettleResponse, LedgerError>>> = items
             .iter()

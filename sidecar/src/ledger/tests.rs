@@ -1474,9 +1474,11 @@ async fn finalize_batches_answer_each_item_like_single_calls() {
 }
 
 /// Two settlement batches arriving together (two batches in flight from one Envoy worker,
-/// or two workers) name the same users in opposite orders. Applied at once by two group
-/// writers they would lock those users' accounts in opposite orders, and PostgreSQL
-/// deadlocked; one batch at a time, nothing is retried and every call settles once.
+/// or two workers) name the same users in opposite orders. Applied at once they lock those
+/// users' rows in opposite orders: here MariaDB then retries (80 retries in one run without
+/// `Ledger::finalize`'s one-batch-at-a-time rule; PostgreSQL's deadlocks showed under the
+/// proxy bench, not at this size). One batch at a time, nothing is retried and every call
+/// settles once.
 #[tokio::test]
 async fn concurrent_settlement_batches_settle_without_retries() {
     for t in each_backend().await {
