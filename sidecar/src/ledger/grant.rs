@@ -7,7 +7,7 @@ use super::accounts::{
     write_journal, Entry, Journal,
 };
 use super::{check_key, to_i64, Ledger, LedgerError};
-use crate::storage::{insert_returning_id, is_unique_violation, with_returning_id, Batch};
+use crate::storage::{insert_returning_id, is_unique_violation, with_returning_id, Batch, Db};
 
 /// Grant `amount` units of a quota type to a user. (source_type, source_id) is the
 /// idempotency key (per quota type): the same grant delivered twice creates one lot.
@@ -286,25 +286,10 @@ impl Ledger {
             )));
         };
         // Under the account lock, so a duplicate delivery cannot slip in between.
-        let sql = format!(
-            "SELECT {} FROM ledger_journal WHERE request_id = ? AND kind = 'adjust'",
-            db.dialect().sum_i64("balance_delta")
-        );
-        let done: i64 = sqlx::query(&db.sql(&sql))
-            .bind(&key)
-            .fetch_one(tx.conn())
-            .await?
-            .try_get(0)?;
-        if done != 0 {
+        if let Some(applied) = applied_adjustment(db, tx.conn(), req).await? {
             tx.rollback().await?;
-            if done != req.delta {
-                return Err(LedgerError::Conflict(format!(
-                    "adjustment {} was already applied with {done}",
-                    req.adjustment_id
-                )));
-            }
-            return Ok(AdjustResponse {
-                applied: done,
+            return applied.map(|applied| AdjustResponse {
+                applied,
                 created: false,
             });
         }
@@ -334,7 +319,27 @@ impl Ledger {
         .await?;
         save_account_in(&mut batch, &account, now);
         journal.into_batch(&mut batch, now);
-        batch.execute(db.dialect(), tx.conn()).await?;
+        batch.push(
+            "INSERT INTO ledger_adjustments (adjustment_id, user_id, quota_type, delta, \
+             created_at) VALUES (?, ?, ?, ?, ?)",
+            vec![
+                req.adjustment_id.as_str().into(),
+                req.user_id.as_str().into(),
+                req.quota_type.as_str().into(),
+                req.delta.into(),
+                now.into(),
+            ],
+        );
+        match batch.execute(db.dialect(), tx.conn()).await {
+            Err(e) if is_unique_violation(&e) => {
+                tx.rollback().await?;
+                return Err(LedgerError::Conflict(format!(
+                    "adjustment {} was applied concurrently to another account",
+                    req.adjustment_id
+                )));
+            }
+            done => done?,
+        }
         tx.commit().await?;
         Ok(AdjustResponse {
             applied: req.delta,
@@ -473,4 +478,34 @@ pub(super) async fn insert_lot(
         status,
         debt_repaid: debt_repaid as u64,
     })
+}
+
+/// A deduction already applied under `req.adjustment_id`: `Ok(delta)` when it is this one
+/// again, `Err(Conflict)` when the id was used for another account or amount.
+async fn applied_adjustment(
+    db: &Db,
+    conn: &mut AnyConnection,
+    req: &AdjustRequest,
+) -> Result<Option<Result<i64, LedgerError>>, LedgerError> {
+    let sql =
+        db.sql("SELECT user_id, quota_type, delta FROM ledger_adjustments WHERE adjustment_id = ?");
+    let Some(row) = sqlx::query(&sql)
+        .bind(&req.adjustment_id)
+        .fetch_optional(conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let user_id: String = row.try_get(0)?;
+    let quota_type: String = row.try_get(1)?;
+    let delta: i64 = row.try_get(2)?;
+    if (user_id.as_str(), quota_type.as_str(), delta)
+        != (req.user_id.as_str(), req.quota_type.as_str(), req.delta)
+    {
+        return Ok(Some(Err(LedgerError::Conflict(format!(
+            "adjustment {} was already applied: {delta} to {user_id}'s {quota_type}",
+            req.adjustment_id
+        )))));
+    }
+    Ok(Some(Ok(delta)))
 }

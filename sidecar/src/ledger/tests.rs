@@ -562,6 +562,76 @@ async fn adjustments_add_or_remove_units_once() {
     }
 }
 
+/// Version 4 moved the deduplication of deductions from the journal (and the index on its
+/// request ids) to `ledger_adjustments`: a deduction applied before it is still applied
+/// once, and the migration runs again over itself (MySQL DDL is not transactional).
+#[tokio::test]
+async fn deductions_applied_before_version_4_stay_applied_once() {
+    for t in each_backend().await {
+        let f = fixture(&t).await;
+        let l = &f.ledger;
+        seed_catalog(&t.db).await;
+        l.grant(&grant_req("u", 100, "p")).await.unwrap();
+        let remove = AdjustRequest {
+            user_id: "u".into(),
+            quota_type: "text_token".into(),
+            delta: -30,
+            adjustment_id: "old-ticket".into(),
+            remark: None,
+        };
+        assert!(l.adjust(&remove).await.unwrap().created);
+        // As a version 3 database holds it: no adjustments table, the index still there.
+        exec(&t.db, "DROP TABLE ledger_adjustments").await;
+        exec(
+            &t.db,
+            "CREATE INDEX ix_journal_request ON ledger_journal (request_id)",
+        )
+        .await;
+        exec(&t.db, "DELETE FROM schema_migrations WHERE version = 4").await;
+        assert_eq!(t.db.migrate().await.unwrap().applied, vec![4]);
+        exec(&t.db, "DELETE FROM schema_migrations WHERE version = 4").await;
+        assert_eq!(
+            t.db.migrate().await.unwrap().applied,
+            vec![4],
+            "{:?}",
+            t.backend
+        );
+
+        assert!(!l.adjust(&remove).await.unwrap().created, "{:?}", t.backend);
+        let b = l.balance("u", "text_token").await.unwrap().unwrap();
+        assert_eq!(b.remaining, 70, "{:?}", t.backend);
+        let other_account = AdjustRequest {
+            user_id: "v".into(),
+            ..remove.clone()
+        };
+        l.grant(&grant_req("v", 100, "pv")).await.unwrap();
+        assert!(matches!(
+            l.adjust(&other_account).await,
+            Err(LedgerError::Conflict(_))
+        ));
+        let index: i64 = sqlx::query(&t.db.sql(match t.backend {
+            crate::storage::Dialect::Sqlite => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'ix_journal_request'"
+            }
+            crate::storage::Dialect::Postgres => {
+                "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = current_schema() \
+                 AND indexname = 'ix_journal_request'"
+            }
+            crate::storage::Dialect::MySql => {
+                "SELECT COUNT(*) FROM information_schema.statistics \
+                 WHERE table_schema = DATABASE() AND index_name = 'ix_journal_request'"
+            }
+        }))
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap()
+        .get(0);
+        assert_eq!(index, 0, "{:?}", t.backend);
+        assert_clean(l).await;
+        t.cleanup().await;
+    }
+}
+
 /// Runs futures concurrently on the current task (no extra dependency).
 async fn futures_join_all<F: std::future::Future>(
     futures: impl Iterator<Item = F>,

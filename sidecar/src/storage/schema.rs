@@ -49,6 +49,8 @@
 //!   `request_id` is the call's request id (or `adjust:<id>` for a deduction).
 //! - `usage_records`: one per finalized call (settled / voided / expired) with all token
 //!   fields, units, charged, debt, cost_micros, flags (estimated, partial, unpriced, fail_open).
+//! - `ledger_adjustments`: one per applied deduction (`adjustment_id`, its idempotency key)
+//!   with its account and delta; the journal holds its movements.
 //! - `daily_costs`: per (day, provider, model, user_id) sums, updated in the same
 //!   transaction as each usage record.
 //! - `reset_runs`: one per (membership_id, period) monthly reset, its idempotency key.
@@ -89,6 +91,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "leases",
         statements: leases,
+    },
+    Migration {
+        version: 4,
+        name: "lean settlement indexes",
+        statements: lean_settlement_indexes,
     },
 ];
 
@@ -376,14 +383,7 @@ const INDEXES: &[(&str, &str, &str)] = &[
         "ledger_holds",
         "status, expires_at",
     ),
-    (
-        "ix_journal_account",
-        "ledger_journal",
-        "user_id, quota_type, id",
-    ),
-    ("ix_journal_request", "ledger_journal", "request_id"),
     ("ix_usage_user_time", "usage_records", "user_id, ended_at"),
-    ("ix_usage_day", "usage_records", "day"),
     ("ix_daily_costs_user", "daily_costs", "user_id, day"),
     ("ix_audit_time", "admin_audit", "created_at"),
 ];
@@ -472,6 +472,52 @@ fn leases(dialect: Dialect) -> Vec<String> {
     .iter()
     .map(|column| add_column(dialect, "ledger_holds", column))
     .collect()
+}
+
+/// Indexes that version 1 created and nothing reads, dropped by version 4.
+const UNREAD_INDEXES: &[(&str, &str)] = &[
+    ("ix_journal_account", "ledger_journal"),
+    ("ix_journal_request", "ledger_journal"),
+    ("ix_usage_day", "usage_records"),
+];
+
+/// Version 4: every settlement writes journal and usage rows, and each index on them is one
+/// more B-tree page the commit writes (the journal indexes keyed by user and by request id
+/// land on random pages). None of these served a query but the deduplication of
+/// deductions, which now has its own table (`ledger_adjustments`, filled from the journal).
+fn lean_settlement_indexes(dialect: Dialect) -> Vec<String> {
+    let mut statements = vec![create_table(
+        dialect,
+        "ledger_adjustments",
+        "adjustment_id VARCHAR(191) NOT NULL PRIMARY KEY,
+        user_id VARCHAR(191) NOT NULL,
+        quota_type VARCHAR(64) NOT NULL,
+        delta BIGINT NOT NULL,
+        created_at BIGINT NOT NULL",
+    )];
+    // Deductions applied before this version: journal rows keyed `adjust:<id>`.
+    let backfill = format!(
+        "INSERT INTO ledger_adjustments (adjustment_id, user_id, quota_type, delta, created_at) \
+         SELECT SUBSTR(request_id, 8), MIN(user_id), MIN(quota_type), {}, MIN(created_at) \
+         FROM ledger_journal WHERE kind = 'adjust' AND request_id IS NOT NULL \
+         GROUP BY request_id",
+        dialect.sum_i64("balance_delta")
+    );
+    statements.push(dialect.insert_ignore(&backfill, "adjustment_id"));
+    statements.extend(
+        UNREAD_INDEXES
+            .iter()
+            .map(|(name, table)| drop_index(dialect, name, table)),
+    );
+    statements
+}
+
+fn drop_index(dialect: Dialect, name: &str, table: &str) -> String {
+    match dialect {
+        Dialect::Sqlite | Dialect::Postgres => format!("DROP INDEX IF EXISTS {name}"),
+        // MySQL has no DROP INDEX IF EXISTS; a missing index (1091) is ignored when run.
+        Dialect::MySql => format!("DROP INDEX {name} ON {table}"),
+    }
 }
 
 fn add_column(dialect: Dialect, table: &str, column: &str) -> String {
@@ -634,13 +680,14 @@ async fn run_statements(
     Ok(())
 }
 
-/// MySQL errors 1060 (duplicate column name) and 1061 (duplicate key name): the column or
-/// index exists from an interrupted earlier run (MySQL DDL is not transactional).
+/// MySQL errors 1060 (duplicate column name), 1061 (duplicate key name) and 1091 (no such
+/// key to drop): the column or index exists, or is gone, from an interrupted earlier run
+/// (MySQL DDL is not transactional), or was never created by a newer version 1.
 fn is_already_applied(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => db
             .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-            .is_some_and(|e| matches!(e.number(), 1060 | 1061)),
+            .is_some_and(|e| matches!(e.number(), 1060 | 1061 | 1091)),
         _ => false,
     }
 }
