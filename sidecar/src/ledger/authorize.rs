@@ -8,6 +8,7 @@ use sqlx::{AnyConnection, Row};
 use super::accounts::{lock_account, refresh_lots, save_account, write_journal, Entry, Journal};
 use super::group::{Done, Op};
 use super::lease::{hold_measure, is_lease_key, LeaseTerms, LEASE_PREFIX};
+use super::prefetch::Prefetched;
 use super::{check_key, Ledger, LedgerError, UnpricedPolicy};
 use crate::pricing::{Measure, ModelPricing};
 use crate::storage::{bind_values, Db, Dialect, Value};
@@ -197,6 +198,7 @@ impl Ledger {
         conn: &mut AnyConnection,
         req: &AuthorizeRequest,
         admission: &Admission,
+        reads: &mut Prefetched,
     ) -> Result<AuthorizeResponse, LedgerError> {
         if let Some(terms) = admission.lease {
             return self.reserve_lease_on(conn, req, admission, terms).await;
@@ -222,6 +224,10 @@ impl Ledger {
             now,
             expires_at: now.saturating_add(self.hold_ttl_ms()),
         };
+        // Reserved by the group's merged update (see `reserve_ahead.rs`).
+        if reads.take_reserved(&req.request_id) {
+            return Ok(allowed());
+        }
         let reserved_fast = match db.dialect() {
             Dialect::Postgres => fast.in_one_statement(db, conn).await?,
             Dialect::Sqlite => fast.in_one_call(db, conn).await?,

@@ -99,7 +99,7 @@ impl Op {
     ) -> Result<Done, LedgerError> {
         match self {
             Op::Reserve { req, admission } => ledger
-                .reserve_on(conn, req, admission)
+                .reserve_on(conn, req, admission, reads)
                 .await
                 .map(Done::Authorized),
             Op::Settle(req) => ledger.settle_on(conn, req, reads).await.map(Done::Settled),

@@ -52,6 +52,7 @@ mod lease;
 mod lease_tests;
 mod prefetch;
 mod reconcile;
+mod reserve_ahead;
 mod reset;
 mod settle;
 #[cfg(test)]

@@ -27,13 +27,14 @@
 //! an earlier usage record only on that path; read ahead, a repeat fails on the usage
 //! record's unique key and is applied again that way.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::{AnyConnection, Row};
 
 use super::accounts::{Account, BURNABLE_OF_L, BURN_ORDER_OF_L, BURN_READ_LIMIT};
 use super::group::Op;
 use super::lease::lease_id_for;
+use super::reserve_ahead::reserve_ahead;
 use super::settle::{account_of, hold_of, lot_of, Hold};
 use super::{Ledger, LedgerError};
 use crate::storage::{Batch, Dialect};
@@ -46,6 +47,9 @@ const KEYS_PER_QUERY: usize = 128;
 #[derive(Default)]
 pub(super) struct Prefetched {
     holds: HashMap<String, (Hold, Account)>,
+    /// Authorizations already reserved by the group's merged update (see
+    /// `reserve_ahead.rs`), by request id.
+    reserved: HashSet<String>,
     deferred: Batch,
 }
 
@@ -55,6 +59,16 @@ impl Prefetched {
     pub fn take(&mut self, key: &str) -> Option<(Option<Hold>, Option<Account>)> {
         let (hold, account) = self.holds.remove(key)?;
         Some((Some(hold), Some(account)))
+    }
+
+    /// Records that the authorization `request_id` was reserved ahead.
+    pub fn mark_reserved(&mut self, request_id: &str) {
+        self.reserved.insert(request_id.to_string());
+    }
+
+    /// Whether the authorization `request_id` was reserved ahead (answered once).
+    pub fn take_reserved(&mut self, request_id: &str) -> bool {
+        self.reserved.remove(request_id)
     }
 
     /// Where a settlement that used rows read ahead leaves its writes: they touch rows no
@@ -69,37 +83,50 @@ impl Prefetched {
         std::mem::take(&mut self.deferred).merged()
     }
 
-    /// Reads ahead for `ops` on `conn` (inside the group's transaction). Empty when it
-    /// cannot help or cannot be trusted (see the module documentation).
+    /// Reads ahead for `ops` on `conn` (inside the group's transaction), and reserves
+    /// ahead for its authorizations (see `reserve_ahead.rs`). Empty when it cannot help or
+    /// cannot be trusted (see the module documentation).
     pub async fn read(
         ledger: &Ledger,
         conn: &mut AnyConnection,
         ops: &[Op],
     ) -> Result<Prefetched, LedgerError> {
-        let dialect = ledger.db().dialect();
-        let settlements = ops.iter().filter(|op| matches!(op, Op::Settle(_))).count();
-        if dialect != Dialect::Sqlite || settlements < 2 {
-            return Ok(Prefetched::default());
-        }
-        let mut keys: Vec<String> = ops.iter().flat_map(hold_keys).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let mut found = HashMap::with_capacity(keys.len());
-        for chunk in keys.chunks(KEYS_PER_QUERY) {
-            read_holds(conn, chunk, &mut found).await?;
-        }
-        let all_found = ops.iter().all(|op| match op {
-            Op::Settle(req) => found.contains_key(settle_hold_key(req)),
-            _ => true,
-        });
-        if !all_found {
-            return Ok(Prefetched::default());
-        }
-        Ok(Prefetched {
-            holds: owned_by_one(ops, found),
-            deferred: Batch::default(),
-        })
+        let mut reads = Prefetched {
+            holds: read_settlements(ledger, conn, ops).await?,
+            ..Prefetched::default()
+        };
+        reserve_ahead(ledger, conn, ops, &mut reads).await?;
+        Ok(reads)
     }
+}
+
+/// The holds and accounts of the group's settlements that share nothing with another
+/// operation (SQLite; see the module documentation).
+async fn read_settlements(
+    ledger: &Ledger,
+    conn: &mut AnyConnection,
+    ops: &[Op],
+) -> Result<HashMap<String, (Hold, Account)>, LedgerError> {
+    let dialect = ledger.db().dialect();
+    let settlements = ops.iter().filter(|op| matches!(op, Op::Settle(_))).count();
+    if dialect != Dialect::Sqlite || settlements < 2 {
+        return Ok(HashMap::new());
+    }
+    let mut keys: Vec<String> = ops.iter().flat_map(hold_keys).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut found = HashMap::with_capacity(keys.len());
+    for chunk in keys.chunks(KEYS_PER_QUERY) {
+        read_holds(conn, chunk, &mut found).await?;
+    }
+    let all_found = ops.iter().all(|op| match op {
+        Op::Settle(req) => found.contains_key(settle_hold_key(req)),
+        _ => true,
+    });
+    if !all_found {
+        return Ok(HashMap::new());
+    }
+    Ok(owned_by_one(ops, found))
 }
 
 /// The hold a settlement charges: its lease's, or its own.
@@ -124,7 +151,7 @@ fn hold_keys(op: &Op) -> Vec<String> {
 }
 
 /// What an operation touches, for telling whether another one of the group shares it.
-fn touched(op: &Op, found: &HashMap<String, (Hold, Account)>) -> Vec<String> {
+pub(super) fn touched(op: &Op, found: &HashMap<String, (Hold, Account)>) -> Vec<String> {
     let mut keys: Vec<String> = hold_keys(op)
         .into_iter()
         .map(|k| format!("h:{k}"))
