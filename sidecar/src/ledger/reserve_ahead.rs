@@ -42,7 +42,9 @@ pub(super) async fn reserve_ahead(
     ops: &[Op],
     reads: &mut Prefetched,
 ) -> Result<(), LedgerError> {
-    if ledger.db().dialect() != Dialect::Sqlite {
+    let authorizations = ops.iter().filter(|op| matches!(op, Op::Reserve { .. }));
+    // A lone one is no cheaper merged (and most groups at low load hold one or none).
+    if ledger.db().dialect() != Dialect::Sqlite || authorizations.count() < 2 {
         return Ok(());
     }
     let candidates = eligible(ops);
