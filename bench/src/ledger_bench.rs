@@ -39,6 +39,8 @@ pub struct LedgerCell {
     pub authorize_p99_us: u64,
     pub settle_p50_us: u64,
     pub settle_p99_us: u64,
+    /// Operations per group transaction during the cell (see the sidecar's `ledger::group`).
+    pub ops_per_group: f64,
 }
 
 /// The drain test: a hot user granted exactly `expected` calls, hammered by many tasks.
@@ -242,6 +244,7 @@ async fn run_cell(
     label: &str,
 ) -> LedgerCell {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let commits_before = ledger.group_commits();
     let mut tasks = Vec::new();
     for task in 0..concurrency {
         let ledger = ledger.clone();
@@ -322,6 +325,7 @@ async fn run_cell(
         authorize_p99_us: quantile(&authorize_us, 0.99),
         settle_p50_us: quantile(&settle_us, 0.5),
         settle_p99_us: quantile(&settle_us, 0.99),
+        ops_per_group: ledger.group_commits().mean_size_since(commits_before),
     }
 }
 

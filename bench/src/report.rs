@@ -532,13 +532,14 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
         "authorize + settle pairs per second through the sidecar's `Ledger` in process (the code its HTTP \
          handlers call; HTTP itself is in section 1), default pool of 16 connections, each cell for a fixed \
          time. Many users: calls spread over 1000 users. Hot user: every call on one user. Latencies are \
-         per operation.\n"
+         per operation. Ops/group: operations per group transaction (many users / hot user), which \
+         is what group commit buys.\n"
     );
     let _ = writeln!(
         out,
-        "| backend | concurrency | many users pairs/s | hot user pairs/s | authorize p50 / p99 (many) | settle p50 / p99 (many) | authorize p50 / p99 (hot) | errors |"
+        "| backend | concurrency | many users pairs/s | hot user pairs/s | authorize p50 / p99 (many) | settle p50 / p99 (many) | authorize p50 / p99 (hot) | ops/group | errors |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     let mut keys: Vec<(&str, usize)> = ledger
         .cells
         .iter()
@@ -553,7 +554,7 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
         let errors = many.map_or(0, |c| c.errors) + hot.map_or(0, |c| c.errors);
         let _ = writeln!(
             out,
-            "| {backend} | {concurrency} | {} | {} | {} | {} | {} | {errors} |",
+            "| {backend} | {concurrency} | {} | {} | {} | {} | {} | {} / {} | {errors} |",
             rate(many),
             rate(hot),
             many.map_or("-".into(), |c| format!(
@@ -568,6 +569,8 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
                 "{} / {} µs",
                 c.authorize_p50_us, c.authorize_p99_us
             )),
+            group_size(many),
+            group_size(hot),
         );
     }
     out.push('\n');
@@ -912,4 +915,9 @@ fn render_method(out: &mut String) {
          `target/bench/results.json`. PostgreSQL and MariaDB are the ones of `make test` (127.0.0.1:5432 and :3306); \
          every run creates its own databases and drops them. Sources: `bench/`."
     );
+}
+
+/// A cell's operations per group transaction, one decimal.
+fn group_size(cell: Option<&LedgerCell>) -> String {
+    cell.map_or("-".into(), |c| format!("{:.1}", c.ops_per_group))
 }

@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::ledger::GroupCommits;
+
 /// Upper bounds (seconds) of the request latency histogram buckets.
 const LATENCY_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -142,6 +144,33 @@ impl Metrics {
             "Background job runs, by job and result.",
         );
         out
+    }
+
+    /// The ledger writers' counters, read from the ledger when `/metrics` is served.
+    pub fn render_ledger(out: &mut String, commits: GroupCommits, transient_retries: u64) {
+        let counters = [
+            (
+                "meter_ledger_groups_total",
+                "Group transactions run by the ledger writers.",
+                commits.groups,
+            ),
+            (
+                "meter_ledger_group_operations_total",
+                "Operations applied in group transactions (divided by groups: the group size).",
+                commits.operations,
+            ),
+            (
+                "meter_ledger_transient_retries_total",
+                "Ledger attempts tried again after a deadlock, busy database or lost connection.",
+                transient_retries,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
     }
 
     fn render_latency(&self, out: &mut String) {

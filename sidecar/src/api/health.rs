@@ -11,6 +11,7 @@ use utoipa::ToSchema;
 use super::docs::Problem;
 use super::problem::{ApiError, ApiResult};
 use super::AppState;
+use crate::metrics::Metrics;
 
 #[derive(Serialize, ToSchema)]
 pub struct HealthStatus {
@@ -58,6 +59,14 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        {
+            let mut text = state.metrics.render();
+            Metrics::render_ledger(
+                &mut text,
+                state.ledger.group_commits(),
+                state.ledger.transient_retries(),
+            );
+            text
+        },
     )
 }

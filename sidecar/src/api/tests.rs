@@ -1063,6 +1063,18 @@ async fn leases_over_the_internal_api() {
             text.contains("meter_leases_total{event=\"granted\"} 1"),
             "{text}"
         );
+        // The lease, its settlements and its release went through the group writers.
+        let counter = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+        };
+        let groups = counter("meter_ledger_groups_total");
+        assert!(groups >= 2, "{text}");
+        assert!(
+            counter("meter_ledger_group_operations_total") >= groups,
+            "{text}"
+        );
         assert!(
             text.contains("meter_leases_total{event=\"released\"} 1"),
             "{text}"

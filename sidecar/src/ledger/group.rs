@@ -208,11 +208,13 @@ async fn writer(
         }
         // A submission keeps its own order (a batch may settle then void one call).
         submissions.sort_by(|a, b| lock_key(a).cmp(lock_key(b)));
-        let group = submissions.into_iter().flatten().collect();
+        let group: Vec<Pending> = submissions.into_iter().flatten().collect();
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        run_group(&Ledger { inner }, group).await;
+        let ledger = Ledger { inner };
+        ledger.count_group(group.len());
+        run_group(&ledger, group).await;
     }
 }
 

@@ -171,6 +171,26 @@ impl From<PricingError> for LedgerError {
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 /// The ledger. Cheap to clone; share one per process.
+/// Counters of the group-commit writers (see [`group`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupCommits {
+    pub groups: u64,
+    pub operations: u64,
+}
+
+impl GroupCommits {
+    /// Operations per group between `earlier` and `self`; 0 when no group ran.
+    pub fn mean_size_since(&self, earlier: GroupCommits) -> f64 {
+        let groups = self.groups.saturating_sub(earlier.groups);
+        let operations = self.operations.saturating_sub(earlier.operations);
+        if groups == 0 {
+            0.0
+        } else {
+            operations as f64 / groups as f64
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Ledger {
     inner: Arc<Inner>,
@@ -188,6 +208,10 @@ struct Inner {
     /// Attempts that failed with a transient error (deadlock, busy, lost connection) and
     /// were tried again.
     retries: std::sync::atomic::AtomicU64,
+    /// Group transactions started and the operations they held (their ratio is the
+    /// group size, which is what group commit buys).
+    groups: std::sync::atomic::AtomicU64,
+    grouped_operations: std::sync::atomic::AtomicU64,
 }
 
 const MAX_ATTEMPTS: u32 = 8;
@@ -208,6 +232,8 @@ impl Ledger {
                 writers: OnceLock::new(),
                 finalize_turn: tokio::sync::Mutex::new(()),
                 retries: std::sync::atomic::AtomicU64::new(0),
+                groups: std::sync::atomic::AtomicU64::new(0),
+                grouped_operations: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -263,6 +289,24 @@ impl Ledger {
         self.inner
             .retries
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Group transactions run by this process's writers and the operations they held,
+    /// since this ledger started.
+    pub fn group_commits(&self) -> GroupCommits {
+        use std::sync::atomic::Ordering::Relaxed;
+        GroupCommits {
+            groups: self.inner.groups.load(Relaxed),
+            operations: self.inner.grouped_operations.load(Relaxed),
+        }
+    }
+
+    fn count_group(&self, operations: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.groups.fetch_add(1, Relaxed);
+        self.inner
+            .grouped_operations
+            .fetch_add(operations as u64, Relaxed);
     }
 
     fn count_retry(&self) {
