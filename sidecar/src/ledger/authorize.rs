@@ -239,22 +239,8 @@ impl Ledger {
 
         // General path (MySQL, denials, due lot events). The hold row first: it is the
         // idempotency key and serialises retries of one call.
-        let sql = db.sql(
-            "INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, amount, \
-             price_version_id, priced, status, created_at, expires_at, finalized_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?, NULL)",
-        );
-        sqlx::query(&sql)
-            .bind(&req.request_id)
-            .bind(user_id)
-            .bind(quota_type)
-            .bind(&req.provider)
-            .bind(&req.model)
-            .bind(hold)
-            .bind(price_version)
-            .bind(i32::from(price_version.is_some()))
-            .bind(now)
-            .bind(fast.expires_at)
+        let values = held_hold_values(req, admission, now, fast.expires_at);
+        bind_values(sqlx::query(&db.sql(INSERT_HELD_HOLD)), values)
             .execute(&mut *conn)
             .await?;
 
@@ -398,6 +384,33 @@ impl Ledger {
             priced != 0,
         ))
     }
+}
+
+/// A call's hold row: the request's idempotency key, and what its settlement releases.
+pub(super) const INSERT_HELD_HOLD: &str = "INSERT INTO ledger_holds (request_id, user_id, \
+     quota_type, provider, model, amount, price_version_id, priced, status, created_at, \
+     expires_at, finalized_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?, NULL)";
+
+/// The values of [`INSERT_HELD_HOLD`].
+pub(super) fn held_hold_values(
+    req: &AuthorizeRequest,
+    admission: &Admission,
+    now: i64,
+    expires_at: i64,
+) -> Vec<Value> {
+    let price_version = admission.model.price.as_ref().map(|p| p.id);
+    vec![
+        req.request_id.as_str().into(),
+        admission.user_id.as_str().into(),
+        admission.model.quota_type.as_str().into(),
+        req.provider.as_str().into(),
+        req.model.as_str().into(),
+        (admission.hold as i64).into(),
+        price_version.into(),
+        i64::from(price_version.is_some()).into(),
+        now.into(),
+        expires_at.into(),
+    ]
 }
 
 /// The common case (account exists, enough available, no lot event due) in one round trip.

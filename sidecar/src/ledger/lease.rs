@@ -33,8 +33,8 @@ use super::authorize::{allow, quota_denial, Admission};
 use super::group::{Done, Op};
 use super::prefetch::Prefetched;
 use super::settle::{
-    load_hold, measure, push_usage, read_hold, usage_record_exists, usage_record_status, Release,
-    Settlement, UsageRow,
+    load_hold, load_hold_to_charge, measure, push_usage, read_hold, usage_record_exists,
+    usage_record_status, Release, Settlement, UsageRow,
 };
 use super::{check_key, to_i64, Ledger, LedgerError};
 use crate::pricing::Measure;
@@ -304,7 +304,7 @@ impl Ledger {
         }
         let loaded = match loaded {
             Some(loaded) => loaded,
-            None => load_hold(self, conn, lease_id).await?,
+            None => load_hold_to_charge(self, conn, lease_id).await?,
         };
         let (Some(lease), account) = loaded else {
             return Ok(None);

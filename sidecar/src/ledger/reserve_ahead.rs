@@ -26,6 +26,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{AnyConnection, Row};
 
 use super::accounts::{Entry, Journal};
+use super::authorize::{held_hold_values, INSERT_HELD_HOLD};
 use super::group::Op;
 use super::prefetch::{touched, Prefetched};
 use super::{Ledger, LedgerError};
@@ -67,23 +68,9 @@ pub(super) async fn reserve_ahead(
                 )));
             };
             let hold = admission.hold as i64;
-            let price_version = admission.model.price.as_ref().map(|p| p.id);
             reads.deferred().push(
-                "INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, \
-                 amount, price_version_id, priced, status, created_at, expires_at, finalized_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?, NULL)",
-                vec![
-                    req.request_id.as_str().into(),
-                    user_id.as_str().into(),
-                    quota_type.as_str().into(),
-                    req.provider.as_str().into(),
-                    req.model.as_str().into(),
-                    hold.into(),
-                    price_version.into(),
-                    i64::from(price_version.is_some()).into(),
-                    now.into(),
-                    expires_at.into(),
-                ],
+                INSERT_HELD_HOLD,
+                held_hold_values(req, admission, now, expires_at),
             );
             journal.push_raw(
                 &user_id,

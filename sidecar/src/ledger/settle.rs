@@ -234,7 +234,7 @@ impl Ledger {
         let read_ahead = loaded.is_some();
         let (hold, account) = match loaded {
             Some(loaded) => loaded,
-            None => load_hold(self, conn, &req.request_id).await?,
+            None => load_hold_to_charge(self, conn, &req.request_id).await?,
         };
         let late = hold.as_ref().is_some_and(|h| h.status == "expired");
         let target = match hold {
@@ -944,9 +944,7 @@ pub(super) async fn load_hold(
         return load_hold_and_lots(ledger, conn, request_id).await;
     }
     let sql = format!(
-        "SELECT h.user_id, h.quota_type, h.provider, h.model, h.amount, h.price_version_id, \
-         h.priced, h.status, h.created_at, h.kind, a.balance, a.held, a.debt, a.next_event_at \
-         FROM ledger_holds h JOIN ledger_accounts a \
+        "SELECT {HOLD_AND_ACCOUNT_OF_H_A} FROM ledger_holds h JOIN ledger_accounts a \
          ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
          WHERE h.request_id = ?{}",
         db.dialect().for_update()
@@ -980,25 +978,66 @@ pub(super) fn account_of(
     })
 }
 
-/// SQLite: [`load_hold`] with the account's burnable lots, in burn order, in the same
-/// round trip (one row per lot; SQLite has no row locks to take, its single writer holds
-/// the whole database). Every round trip costs thread hand-offs in sqlx's SQLite driver,
-/// and a settlement needs the lots anyway.
+/// [`load_hold`] for a settlement, which burns lots: with the account's first burnable
+/// lots, in burn order, in the same round trip where the dialect allows (SQLite,
+/// PostgreSQL); MySQL reads the lots when it burns.
+pub(super) async fn load_hold_to_charge(
+    ledger: &Ledger,
+    conn: &mut AnyConnection,
+    request_id: &str,
+) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
+    match ledger.db().dialect() {
+        Dialect::Sqlite | Dialect::Postgres => load_hold_and_lots(ledger, conn, request_id).await,
+        Dialect::MySql => load_hold(ledger, conn, request_id).await,
+    }
+}
+
+/// The hold and account columns of [`hold_of`] and [`account_of`], from `h` and `a`.
+const HOLD_AND_ACCOUNT_OF_H_A: &str = "h.user_id, h.quota_type, h.provider, h.model, h.amount, \
+    h.price_version_id, h.priced, h.status, h.created_at, h.kind, a.balance, a.held, a.debt, \
+    a.next_event_at";
+
+/// The hold, its account and the account's first burnable lots in burn order, one row per
+/// lot (columns as [`hold_of`], [`account_of`] and [`lot_of`] read them). SQLite has no row
+/// locks to take (its single writer holds the whole database): one join. PostgreSQL locks
+/// the hold and account rows first, then the lots, the order every other writer takes them
+/// in: the lots' query reads the materialized hold, so it cannot run before it.
+fn hold_and_lots_sql(dialect: Dialect) -> String {
+    match dialect {
+        Dialect::Postgres => format!(
+            "WITH h AS MATERIALIZED (SELECT {HOLD_AND_ACCOUNT_OF_H_A} \
+             FROM ledger_holds h JOIN ledger_accounts a \
+             ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
+             WHERE h.request_id = ? FOR UPDATE), \
+             l AS MATERIALIZED (SELECT l.id, l.status, l.remaining, l.effective_from, \
+             l.expires_at, l.priority, l.created_at FROM quota_lots l JOIN h \
+             ON l.user_id = h.user_id AND l.quota_type = h.quota_type WHERE {BURNABLE_OF_L} \
+             ORDER BY {BURN_ORDER_OF_L} LIMIT {BURN_READ_LIMIT} FOR UPDATE OF l) \
+             SELECT h.*, l.id, l.status, l.remaining, l.effective_from, l.expires_at \
+             FROM h LEFT JOIN l ON TRUE ORDER BY {BURN_ORDER_OF_L}"
+        ),
+        Dialect::Sqlite | Dialect::MySql => format!(
+            "SELECT {HOLD_AND_ACCOUNT_OF_H_A}, \
+             l.id, l.status, l.remaining, l.effective_from, l.expires_at \
+             FROM ledger_holds h JOIN ledger_accounts a \
+             ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
+             LEFT JOIN quota_lots l ON l.user_id = h.user_id AND l.quota_type = h.quota_type \
+             AND {BURNABLE_OF_L} \
+             WHERE h.request_id = ? ORDER BY {BURN_ORDER_OF_L} LIMIT {BURN_READ_LIMIT}"
+        ),
+    }
+}
+
+/// See [`hold_and_lots_sql`]. Every round trip costs thread hand-offs in sqlx's SQLite
+/// driver and a network round trip on PostgreSQL, and a settlement needs the lots anyway.
 async fn load_hold_and_lots(
     ledger: &Ledger,
     conn: &mut AnyConnection,
     request_id: &str,
 ) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
-    let sql = format!(
-        "SELECT h.user_id, h.quota_type, h.provider, h.model, h.amount, h.price_version_id, \
-         h.priced, h.status, h.created_at, h.kind, a.balance, a.held, a.debt, a.next_event_at, \
-         l.id, l.status, l.remaining, l.effective_from, l.expires_at \
-         FROM ledger_holds h JOIN ledger_accounts a \
-         ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
-         LEFT JOIN quota_lots l ON l.user_id = h.user_id AND l.quota_type = h.quota_type \
-         AND {BURNABLE_OF_L} \
-         WHERE h.request_id = ? ORDER BY {BURN_ORDER_OF_L} LIMIT {BURN_READ_LIMIT}"
-    );
+    let db = ledger.db();
+    let text = hold_and_lots_sql(db.dialect());
+    let sql = db.sql(&text);
     let rows = sqlx::query(&sql)
         .bind(request_id)
         .fetch_all(&mut *conn)
