@@ -41,6 +41,8 @@ pub struct LedgerCell {
     pub settle_p99_us: u64,
     /// Operations per group transaction during the cell (see the sidecar's `ledger::group`).
     pub ops_per_group: f64,
+    /// Each round's pairs/s, in order (`pairs_per_s` is their median).
+    pub rounds_pairs_per_s: Vec<f64>,
 }
 
 /// The drain test: a hot user granted exactly `expected` calls, hammered by many tasks.
@@ -93,12 +95,21 @@ pub struct BatchCell {
 /// Calls per settlement batch (the filter's default `settle_batch_max`).
 pub const SETTLE_BATCH: usize = 100;
 
-/// Run every backend × concurrency × spread cell for `seconds` each.
+/// How long each cell runs, and how often.
+#[derive(Debug, Clone, Copy)]
+pub struct CellPlan {
+    /// Rounds over all cells of a backend; a cell's figures are the medians of its rounds,
+    /// so one noisy second of a shared machine does not decide a cell.
+    pub rounds: usize,
+    pub seconds: f64,
+}
+
+/// Run every backend × concurrency × spread cell, `plan.rounds` times each.
 pub async fn run(
     dir: &std::path::Path,
     backends: &[Backend],
     concurrencies: &[usize],
-    seconds: f64,
+    plan: CellPlan,
 ) -> LedgerSection {
     let mut section = LedgerSection {
         cells: Vec::new(),
@@ -109,7 +120,7 @@ pub async fn run(
     };
     for &backend in backends {
         eprintln!("bench: ledger on {}", backend.label());
-        match run_backend(dir, backend, concurrencies, seconds, &mut section).await {
+        match run_backend(dir, backend, concurrencies, plan, &mut section).await {
             Ok(()) => {}
             Err(e) => section.failures.push(format!("{}: {e:#}", backend.label())),
         }
@@ -121,9 +132,10 @@ async fn run_backend(
     dir: &std::path::Path,
     backend: Backend,
     concurrencies: &[usize],
-    seconds: f64,
+    plan: CellPlan,
     section: &mut LedgerSection,
 ) -> Result<()> {
+    let seconds = plan.seconds;
     let bench_db = BenchDb::create(backend, dir, "ledger").await?;
     let result = async {
         let db = bench_db.connect(DbOptions::default()).await?;
@@ -131,35 +143,46 @@ async fn run_backend(
         seed::seed_catalog(&ledger).await?;
         seed::grant_users(&ledger, SPREAD_USERS, 1_000_000_000_000).await?;
         seed::grant(&ledger, "bench-hot-user", 1_000_000_000_000, "bench-hot").await?;
-        for (round, &concurrency) in concurrencies.iter().enumerate() {
-            for spread in [Spread::ManyUsers, Spread::HotUser] {
-                let label = format!(
-                    "r{round}{}",
-                    if spread == Spread::HotUser { "h" } else { "m" }
-                );
-                let profiled = backend == Backend::Sqlite
-                    && concurrency == 16
-                    && spread == Spread::ManyUsers
-                    && crate::profile::available();
-                let recording = profiled
-                    .then(|| crate::profile::start(dir, "ledger", &[std::process::id()]).ok())
-                    .flatten();
-                let cell = run_cell(&ledger, backend, concurrency, spread, seconds, &label).await;
-                if let Some(recording) = recording {
-                    section.sqlite_profile = Some(
-                        recording
-                            .finish()
-                            .unwrap_or_else(|e| format!("profile failed: {e:#}")),
+        let mut rounds: Vec<Vec<LedgerCell>> = Vec::new();
+        for round in 0..plan.rounds.max(1) {
+            let mut cells = Vec::new();
+            for (index, &concurrency) in concurrencies.iter().enumerate() {
+                for spread in [Spread::ManyUsers, Spread::HotUser] {
+                    let label = format!(
+                        "r{round}c{index}{}",
+                        if spread == Spread::HotUser { "h" } else { "m" }
                     );
+                    let profiled = round == 0
+                        && backend == Backend::Sqlite
+                        && concurrency == 16
+                        && spread == Spread::ManyUsers
+                        && crate::profile::available();
+                    let recording = profiled
+                        .then(|| crate::profile::start(dir, "ledger", &[std::process::id()]).ok())
+                        .flatten();
+                    let cell =
+                        run_cell(&ledger, backend, concurrency, spread, seconds, &label).await;
+                    if let Some(recording) = recording {
+                        section.sqlite_profile = Some(
+                            recording
+                                .finish()
+                                .unwrap_or_else(|e| format!("profile failed: {e:#}")),
+                        );
+                    }
+                    eprintln!(
+                        "bench:   round {} c={concurrency:<3} {spread:?}: {:.0} pairs/s",
+                        round + 1,
+                        cell.pairs_per_s
+                    );
+                    cells.push(cell);
                 }
-                eprintln!(
-                    "bench:   c={concurrency:<3} {spread:?}: {:.0} pairs/s",
-                    cell.pairs_per_s
-                );
-                section.cells.push(cell);
             }
+            rounds.push(cells);
         }
-        let batches = settle_batches(&ledger, backend, seconds).await?;
+        section.cells.extend(median_cells(rounds));
+        // One longer run: a batch cell holds few batches per second.
+        let batch_seconds = seconds * plan.rounds.max(1) as f64;
+        let batches = settle_batches(&ledger, backend, batch_seconds).await?;
         eprintln!(
             "bench:   settlement batches of {SETTLE_BATCH}: {:.0} settlements/s",
             batches.settlements_per_s
@@ -326,7 +349,42 @@ async fn run_cell(
         settle_p50_us: quantile(&settle_us, 0.5),
         settle_p99_us: quantile(&settle_us, 0.99),
         ops_per_group: ledger.group_commits().mean_size_since(commits_before),
+        rounds_pairs_per_s: Vec::new(),
     }
+}
+
+/// One cell per position of the rounds (every round runs the same cells in the same
+/// order): the median of each figure over the rounds, the sums of the counts.
+fn median_cells(rounds: Vec<Vec<LedgerCell>>) -> Vec<LedgerCell> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    (0..first.len())
+        .map(|i| {
+            let cells: Vec<&LedgerCell> = rounds.iter().filter_map(|r| r.get(i)).collect();
+            let mid = |f: fn(&LedgerCell) -> f64| {
+                let mut values: Vec<f64> = cells.iter().map(|c| f(c)).collect();
+                values.sort_by(f64::total_cmp);
+                values[values.len() / 2]
+            };
+            let base = cells[0];
+            LedgerCell {
+                backend: base.backend,
+                concurrency: base.concurrency,
+                spread: base.spread,
+                pairs: cells.iter().map(|c| c.pairs).sum(),
+                pairs_per_s: mid(|c| c.pairs_per_s),
+                denied: cells.iter().map(|c| c.denied).sum(),
+                errors: cells.iter().map(|c| c.errors).sum(),
+                authorize_p50_us: mid(|c| c.authorize_p50_us as f64) as u64,
+                authorize_p99_us: mid(|c| c.authorize_p99_us as f64) as u64,
+                settle_p50_us: mid(|c| c.settle_p50_us as f64) as u64,
+                settle_p99_us: mid(|c| c.settle_p99_us as f64) as u64,
+                ops_per_group: mid(|c| c.ops_per_group),
+                rounds_pairs_per_s: cells.iter().map(|c| c.pairs_per_s).collect(),
+            }
+        })
+        .collect()
 }
 
 /// Grant a fresh user exactly `calls` calls' worth and let `concurrency` tasks authorize
@@ -394,4 +452,46 @@ async fn drain(
         debt_after: balance.debt,
         reconcile_clean: reconcile.is_clean(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(concurrency: usize, pairs_per_s: f64, p99: u64) -> LedgerCell {
+        LedgerCell {
+            backend: "SQLite",
+            concurrency,
+            spread: Spread::ManyUsers,
+            pairs: 10,
+            pairs_per_s,
+            denied: 1,
+            errors: 0,
+            authorize_p50_us: 100,
+            authorize_p99_us: p99,
+            settle_p50_us: 200,
+            settle_p99_us: p99,
+            ops_per_group: pairs_per_s / 100.0,
+            rounds_pairs_per_s: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_cell_over_rounds_is_the_median_of_each_figure_and_the_sum_of_the_counts() {
+        let rounds = vec![
+            vec![cell(1, 900.0, 50), cell(16, 3000.0, 700)],
+            vec![cell(1, 500.0, 90), cell(16, 2000.0, 900)],
+            vec![cell(1, 700.0, 10), cell(16, 4000.0, 800)],
+        ];
+        let cells = median_cells(rounds);
+        assert_eq!(cells.len(), 2);
+        let c1 = &cells[0];
+        assert_eq!((c1.concurrency, c1.pairs_per_s), (1, 700.0));
+        assert_eq!(c1.rounds_pairs_per_s, vec![900.0, 500.0, 700.0]);
+        assert_eq!((c1.authorize_p99_us, c1.pairs, c1.denied), (50, 30, 3));
+        let c16 = &cells[1];
+        assert_eq!((c16.pairs_per_s, c16.settle_p99_us), (3000.0, 800));
+        assert_eq!(c16.ops_per_group, 30.0);
+        assert!(median_cells(Vec::new()).is_empty());
+    }
 }

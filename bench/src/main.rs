@@ -128,8 +128,11 @@ async fn run(args: &Args) -> Result<()> {
         results.proxy = Some(proxy::run(&plan).await.map_err(|e| format!("{e:#}")));
     }
     if wants("ledger") {
-        let seconds = if args.quick { 1.0 } else { 2.0 };
-        results.ledger = Some(ledger_bench::run(&dir, &args.backends, &[1, 16, 64], seconds).await);
+        let plan = ledger_bench::CellPlan {
+            rounds: if args.quick { 1 } else { 3 },
+            seconds: 1.0,
+        };
+        results.ledger = Some(ledger_bench::run(&dir, &args.backends, &[1, 16, 64], plan).await);
     }
     if wants("growth") {
         let (levels, pairs): (&[u64], usize) = if args.quick {

@@ -293,7 +293,12 @@ async fn measure(plan: &ProxyPlan, stands: &mut [Stand]) -> Result<(f64, f64)> {
             plan.rounds
         );
         for (shape, stream) in [false, true].into_iter().enumerate() {
-            for stand in stands.iter_mut() {
+            for (index, stand) in stands.iter_mut().enumerate() {
+                // A stand whose closed loop served less than the rate cannot hold it: its
+                // queue would only grow, and its latencies would measure the run's length.
+                if index > 0 && stand.capacity(shape) < rates[shape] {
+                    continue;
+                }
                 let open_plan = OpenLoopPlan {
                     port: stand.envoy.port,
                     stream,
@@ -314,6 +319,17 @@ async fn measure(plan: &ProxyPlan, stands: &mut [Stand]) -> Result<(f64, f64)> {
         }
     }
     Ok((rates[0], rates[1]))
+}
+
+impl Stand {
+    /// Median closed-loop requests per second of one shape (0 non-streamed, 1 streamed).
+    fn capacity(&self, shape: usize) -> f64 {
+        let rates: Vec<f64> = self.closed[shape]
+            .iter()
+            .map(|c| c.requests_per_s)
+            .collect();
+        median(&rates)
+    }
 }
 
 /// Profiles of plain Envoy and of the first metering stand (Envoy and sidecar together)
