@@ -952,7 +952,7 @@ fn render_cpu_budget(out: &mut String, proxy: &ProxySection) {
 fn render_method(out: &mut String) {
     let _ = writeln!(
         out,
-        "## How to reproduce\n\n`make bench` (about 10 minutes on 2 cores after the build; `BENCH_ARGS=--quick make bench` \
+        "## How to reproduce\n\n`make bench` (about 8 minutes on 2 cores after the build, 14 with a fresh release build; `BENCH_ARGS=--quick make bench` \
          for a short run). It installs `wrk` (apt) and `wasmtime` (pip) when missing, builds the sidecar, the filter \
          and the bench in release, then runs `target/release/llm-meter-bench`, which writes this file and \
          `target/bench/results.json`. PostgreSQL and MariaDB are the ones of `make test` (127.0.0.1:5432 and :3306); \
