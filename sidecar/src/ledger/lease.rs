@@ -33,8 +33,8 @@ use super::authorize::{allow, quota_denial, Admission};
 use super::group::{Done, Op};
 use super::prefetch::Prefetched;
 use super::settle::{
-    load_hold, load_hold_to_charge, measure, push_usage, read_hold, usage_record_exists,
-    usage_record_status, Release, Settlement, UsageRow,
+    load_hold, load_lease_to_charge, measure, push_usage, read_hold, usage_record_status,
+    LeaseRead, Release, Settlement, UsageRow,
 };
 use super::{check_key, to_i64, Ledger, LedgerError};
 use crate::pricing::Measure;
@@ -299,12 +299,14 @@ impl Ledger {
         // the group applies it again, reading for itself (see `prefetch.rs`).
         let loaded = reads.take(lease_id);
         let read_ahead = loaded.is_some();
-        if !read_ahead && usage_record_exists(self, conn, &req.request_id).await? {
-            return self.replay_settlement_on(conn, req).await.map(Some);
-        }
         let loaded = match loaded {
             Some(loaded) => loaded,
-            None => load_hold_to_charge(self, conn, lease_id).await?,
+            None => match load_lease_to_charge(self, conn, lease_id, &req.request_id).await? {
+                LeaseRead::Recorded => {
+                    return self.replay_settlement_on(conn, req).await.map(Some);
+                }
+                LeaseRead::Loaded(loaded) => loaded,
+            },
         };
         let (Some(lease), account) = loaded else {
             return Ok(None);

@@ -1003,6 +1003,11 @@ const HOLD_AND_ACCOUNT_OF_H_A: &str = "h.user_id, h.quota_type, h.provider, h.mo
 /// the hold and account rows first, then the lots, the order every other writer takes them
 /// in: the lots' query reads the materialized hold, so it cannot run before it.
 fn hold_and_lots_sql(dialect: Dialect) -> String {
+    hold_and_lots_sql_with(dialect, "")
+}
+
+/// [`hold_and_lots_sql`] with `extra` appended to the selected columns (after the lots').
+fn hold_and_lots_sql_with(dialect: Dialect, extra: &str) -> String {
     match dialect {
         Dialect::Postgres => format!(
             "WITH h AS MATERIALIZED (SELECT {HOLD_AND_ACCOUNT_OF_H_A} \
@@ -1013,12 +1018,12 @@ fn hold_and_lots_sql(dialect: Dialect) -> String {
              l.expires_at, l.priority, l.created_at FROM quota_lots l JOIN h \
              ON l.user_id = h.user_id AND l.quota_type = h.quota_type WHERE {BURNABLE_OF_L} \
              ORDER BY {BURN_ORDER_OF_L} LIMIT {BURN_READ_LIMIT} FOR UPDATE OF l) \
-             SELECT h.*, l.id, l.status, l.remaining, l.effective_from, l.expires_at \
+             SELECT h.*, l.id, l.status, l.remaining, l.effective_from, l.expires_at{extra} \
              FROM h LEFT JOIN l ON TRUE ORDER BY {BURN_ORDER_OF_L}"
         ),
         Dialect::Sqlite | Dialect::MySql => format!(
             "SELECT {HOLD_AND_ACCOUNT_OF_H_A}, \
-             l.id, l.status, l.remaining, l.effective_from, l.expires_at \
+             l.id, l.status, l.remaining, l.effective_from, l.expires_at{extra} \
              FROM ledger_holds h JOIN ledger_accounts a \
              ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
              LEFT JOIN quota_lots l ON l.user_id = h.user_id AND l.quota_type = h.quota_type \
@@ -1042,16 +1047,82 @@ async fn load_hold_and_lots(
         .bind(request_id)
         .fetch_all(&mut *conn)
         .await?;
-    let Some(first) = rows.first() else {
+    if rows.is_empty() {
         return load_orphan_hold(ledger, conn, request_id).await;
+    }
+    hold_with_lots(&rows)
+}
+
+/// The hold, account and lots of the (non-empty) rows of a [`hold_and_lots_sql`] query.
+fn hold_with_lots(
+    rows: &[sqlx::any::AnyRow],
+) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
+    let Some(first) = rows.first() else {
+        return Err(LedgerError::Inconsistent(
+            "a hold read returned no row".into(),
+        ));
     };
     let hold = hold_of(first)?;
     let mut lots = Vec::with_capacity(rows.len());
-    for row in &rows {
+    for row in rows {
         lots.extend(lot_of(row)?);
     }
     let account = account_of(&hold, first, Some(lots))?;
     Ok((Some(hold), Some(account)))
+}
+
+/// What a settlement under a lease finds when it reads for itself. Returned once and taken
+/// apart at once, so the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum LeaseRead {
+    /// The call already has a usage record: a repeat, answered by replaying it.
+    Recorded,
+    /// The lease (None when unknown) and its account, as [`load_hold_to_charge`] reads them.
+    Loaded((Option<Hold>, Option<Account>)),
+}
+
+/// For a settlement of call `call_id` under lease `lease_id`: whether the call is already
+/// recorded, else the lease, account and first lots. PostgreSQL asks both in one round trip
+/// (the filter's settlement batches are mostly such calls, one after another); the others
+/// ask in turn, as before.
+pub(super) async fn load_lease_to_charge(
+    ledger: &Ledger,
+    conn: &mut AnyConnection,
+    lease_id: &str,
+    call_id: &str,
+) -> Result<LeaseRead, LedgerError> {
+    let db = ledger.db();
+    if db.dialect() != Dialect::Postgres {
+        if usage_record_exists(ledger, conn, call_id).await? {
+            return Ok(LeaseRead::Recorded);
+        }
+        return Ok(LeaseRead::Loaded(
+            load_hold_to_charge(ledger, conn, lease_id).await?,
+        ));
+    }
+    let text = hold_and_lots_sql_with(
+        db.dialect(),
+        ", EXISTS (SELECT 1 FROM usage_records u WHERE u.request_id = ?)",
+    );
+    let sql = db.sql(&text);
+    let rows = sqlx::query(&sql)
+        .bind(lease_id)
+        .bind(call_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let Some(first) = rows.first() else {
+        // No such lease: the call may still be recorded (settled once as a direct call).
+        if usage_record_exists(ledger, conn, call_id).await? {
+            return Ok(LeaseRead::Recorded);
+        }
+        return Ok(LeaseRead::Loaded(
+            load_orphan_hold(ledger, conn, lease_id).await?,
+        ));
+    };
+    if first.try_get::<bool, _>(19)? {
+        return Ok(LeaseRead::Recorded);
+    }
+    Ok(LeaseRead::Loaded(hold_with_lots(&rows)?))
 }
 
 /// The lot columns (14-18) of a hold row read with lots (SQLite); None for a hold with no
