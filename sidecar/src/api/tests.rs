@@ -1075,6 +1075,8 @@ async fn leases_over_the_internal_api() {
             counter("meter_ledger_group_operations_total") >= groups,
             "{text}"
         );
+        // Nothing contended here: no attempt was tried again.
+        assert_eq!(counter("meter_ledger_transient_retries_total"), 0, "{text}");
         assert!(
             text.contains("meter_leases_total{event=\"released\"} 1"),
             "{text}"

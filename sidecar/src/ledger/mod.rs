@@ -170,7 +170,6 @@ impl From<PricingError> for LedgerError {
 /// Source of "now" in Unix milliseconds (replaceable in tests).
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
-/// The ledger. Cheap to clone; share one per process.
 /// Counters of the group-commit writers (see [`group`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GroupCommits {
@@ -191,6 +190,7 @@ impl GroupCommits {
     }
 }
 
+/// The ledger. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct Ledger {
     inner: Arc<Inner>,

@@ -1001,7 +1001,9 @@ const HOLD_AND_ACCOUNT_OF_H_A: &str = "h.user_id, h.quota_type, h.provider, h.mo
 /// lot (columns as [`hold_of`], [`account_of`] and [`lot_of`] read them). SQLite has no row
 /// locks to take (its single writer holds the whole database): one join. PostgreSQL locks
 /// the hold and account rows first, then the lots, the order every other writer takes them
-/// in: the lots' query reads the materialized hold, so it cannot run before it.
+/// in: the lots' query reads the materialized hold, so it cannot run before it. MySQL never
+/// reads this way ([`load_hold_to_charge`] locks its lots when it burns them); it shares
+/// SQLite's text only so that the match is whole.
 fn hold_and_lots_sql(dialect: Dialect) -> String {
     hold_and_lots_sql_with(dialect, "")
 }
