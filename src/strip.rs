@@ -16,9 +16,15 @@
 //! At the end of the stream a held block without its blank line is judged as it stands.
 
 use crate::sse::SseParser;
+use memchr::memmem::Finder;
 use serde_json::Value;
+use std::sync::LazyLock;
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
+// Built once: building a searcher costs more than searching one event.
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static CHOICES_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\""));
+static ESCAPED_ASCII: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u00"));
 /// The held buffer is shrunk back to this after a large block.
 const RETAINED_CAPACITY: usize = 64 * 1024;
 /// Smallest accepted cap (the SSE parser's own minimum).
@@ -213,7 +219,7 @@ impl InjectedUsageStripper {
 /// Whether a complete block is exactly one unnamed event whose data is the usage-only
 /// chunk: a JSON object with an empty `choices` array and a `usage` object.
 fn is_injected_usage_block(block: &[u8], first_block: bool) -> bool {
-    if memchr::memmem::find(block, b"\"usage\"").is_none() {
+    if USAGE_KEY.find(block).is_none() && !has_escaped_ascii(block) {
         return false;
     }
     let mut parser = SseParser::new(block.len());
@@ -234,11 +240,45 @@ fn is_injected_usage_block(block: &[u8], first_block: bool) -> bool {
 }
 
 fn is_usage_only_chunk(data: &[u8]) -> bool {
+    // Every content chunk of a stream with usage carries `"usage":null`: the text decides
+    // those without building a JSON tree.
+    let could_be = has_escaped_ascii(data)
+        || (key_then(data, &CHOICES_KEY, b":[]") && key_then(data, &USAGE_KEY, b":{"));
+    if !could_be {
+        return false;
+    }
     let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(data) else {
         return false;
     };
     let no_choices = matches!(chunk.get("choices"), Some(Value::Array(c)) if c.is_empty());
     no_choices && matches!(chunk.get("usage"), Some(Value::Object(_)))
+}
+
+/// Whether some occurrence of `key` is followed by `tokens`, each after optional JSON
+/// whitespace: a textual necessary condition for the key to hold such a value.
+fn key_then(data: &[u8], key: &Finder<'_>, tokens: &[u8]) -> bool {
+    key.find_iter(data).any(|at| {
+        let mut rest = &data[at + key.needle().len()..];
+        tokens.iter().all(|&token| {
+            let start = rest
+                .iter()
+                .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+                .unwrap_or(rest.len());
+            match rest[start..].split_first() {
+                Some((&first, tail)) if first == token => {
+                    rest = tail;
+                    true
+                }
+                _ => false,
+            }
+        })
+    })
+}
+
+/// A `\u00XX` escape can spell a key's ASCII letters, which defeats any textual search for
+/// the key: such text always goes to the JSON parser.
+fn has_escaped_ascii(text: &[u8]) -> bool {
+    ESCAPED_ASCII.find(text).is_some()
 }
 
 #[cfg(test)]
@@ -312,6 +352,30 @@ mod tests {
         for block in kept {
             let stream = format!("{block}\n\ndata: [DONE]\n\n");
             assert_eq!(strip_whole(stream.as_bytes()), stream.as_bytes(), "{block}");
+        }
+    }
+
+    #[test]
+    fn the_usage_event_is_recognised_however_its_json_is_spelled() {
+        let spelled = [
+            r#"{ "choices" : [ ] , "usage" :
+            {"prompt_tokens":1} }"#,
+            r#"{"usage":{"prompt_tokens":1},"id":"x","choices":[]}"#,
+            r#"{"\u0063hoices":[],"\u0075sage":{"prompt_tokens":1}}"#,
+            r#"{"choices":{"nested":1},"choices":[],"usage":null,"usage":{}}"#,
+        ];
+        for json in spelled {
+            let block = format!("data: {}\n\n", json.replace('\n', ""));
+            assert!(is_injected_usage_block(block.as_bytes(), false), "{json}");
+        }
+        let kept = [
+            r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[],"usage":null,"note":"\"usage\":{}"}"#,
+            r#"{"choices":[],"usage":[{}]}"#,
+        ];
+        for json in kept {
+            let block = format!("data: {json}\n\n");
+            assert!(!is_injected_usage_block(block.as_bytes(), false), "{json}");
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use llm_meter_filter::format::ProviderFormat;
 use llm_meter_filter::meter::{MeterLimits, ResponseMeter};
+use llm_meter_filter::strip::InjectedUsageStripper;
 use serde::{Deserialize, Serialize};
 
 use crate::alloc;
@@ -40,6 +41,9 @@ pub struct Workload {
     pub case: String,
     pub format: ProviderFormat,
     pub streaming: bool,
+    /// The filter set `include_usage` itself, so it also removes the usage chunk from what
+    /// the client receives (an `InjectedUsageStripper` fed every chunk beside the meter).
+    pub strips_injected_usage: bool,
     pub responses: Vec<Vec<Vec<u8>>>,
 }
 
@@ -49,8 +53,15 @@ impl Workload {
             case: case.into(),
             format: ProviderFormat::OpenAiChat,
             streaming,
+            strips_injected_usage: false,
             responses: vec![chunks],
         }
+    }
+
+    fn stripping(mut self, case: &str) -> Workload {
+        self.case = case.into();
+        self.strips_injected_usage = true;
+        self
     }
 
     fn bytes(&self) -> usize {
@@ -73,6 +84,20 @@ pub fn meter_once(format: ProviderFormat, streaming: bool, chunks: &[Vec<u8>]) -
     report.usage.map(|u| u.output_tokens).unwrap_or(0) + report.estimated_output_tokens
 }
 
+/// Remove the injected usage chunk from one response the way the filter does; returns the
+/// bytes forwarded.
+pub fn strip_once(chunks: &[Vec<u8>]) -> usize {
+    let mut stripper = InjectedUsageStripper::new(MeterLimits::default().max_event_bytes);
+    let mut forwarded = 0;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = i + 1 == chunks.len();
+        forwarded += stripper
+            .feed(black_box(chunk), last)
+            .map_or(chunk.len(), |replacement| replacement.len());
+    }
+    forwarded
+}
+
 /// Run `workload` repeatedly for `seconds` per round, three rounds, median rate.
 pub fn measure(workload: &Workload, seconds: f64) -> SpeedResult {
     let round = Duration::from_secs_f64(seconds / 3.0);
@@ -83,6 +108,9 @@ pub fn measure(workload: &Workload, seconds: f64) -> SpeedResult {
         while start.elapsed() < round || iterations == 0 {
             for response in &workload.responses {
                 black_box(meter_once(workload.format, workload.streaming, response));
+                if workload.strips_injected_usage {
+                    black_box(strip_once(response));
+                }
             }
             iterations += 1;
         }
@@ -104,7 +132,8 @@ pub fn synthetic_workloads() -> Vec<Workload> {
     let stream = openai_stream_events(100, 3);
     let joined: Vec<u8> = stream.concat();
     vec![
-        Workload::single("openai_stream_300tok_100chunks", true, stream),
+        Workload::single("openai_stream_300tok_100chunks", true, stream.clone()),
+        Workload::single("", true, stream).stripping("openai_stream_300tok_100chunks_stripped"),
         Workload::single(
             "openai_stream_300tok_16KiB_reads",
             true,
@@ -209,6 +238,7 @@ pub fn corpus_workloads(dirs: &[&Path]) -> Vec<Workload> {
     by_format
         .into_iter()
         .map(|(format, streams)| Workload {
+            strips_injected_usage: false,
             case: format!("corpus_{}_{}streams", format_name(format), streams.len()),
             format,
             streaming: true,

@@ -73,6 +73,9 @@ pub struct LedgerSection {
     pub cells: Vec<LedgerCell>,
     /// `perf` summary of this process during the SQLite, concurrency 16, many-users cell.
     pub sqlite_profile: Option<String>,
+    /// `perf` summary of this process during the SQLite settlement batches: the sidecar's
+    /// share of every metered call.
+    pub sqlite_batch_profile: Option<String>,
     pub overdraw: Vec<OverdrawCheck>,
     /// Settlement batches as the filter's outbox sends them.
     pub batches: Vec<BatchCell>,
@@ -114,6 +117,7 @@ pub async fn run(
     let mut section = LedgerSection {
         cells: Vec::new(),
         sqlite_profile: None,
+        sqlite_batch_profile: None,
         overdraw: Vec::new(),
         batches: Vec::new(),
         failures: Vec::new(),
@@ -182,7 +186,18 @@ async fn run_backend(
         section.cells.extend(median_cells(rounds));
         // One longer run: a batch cell holds few batches per second.
         let batch_seconds = seconds * plan.rounds.max(1) as f64;
-        let batches = settle_batches(&ledger, backend, batch_seconds).await?;
+        let recording = (backend == Backend::Sqlite && crate::profile::available())
+            .then(|| crate::profile::start(dir, "batches", &[std::process::id()]).ok())
+            .flatten();
+        let batches = settle_batches(&ledger, backend, batch_seconds).await;
+        if let Some(recording) = recording {
+            section.sqlite_batch_profile = Some(
+                recording
+                    .finish()
+                    .unwrap_or_else(|e| format!("profile failed: {e:#}")),
+            );
+        }
+        let batches = batches?;
         eprintln!(
             "bench:   settlement batches of {SETTLE_BATCH}: {:.0} settlements/s",
             batches.settlements_per_s

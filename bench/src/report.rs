@@ -673,6 +673,12 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
             "<details><summary>perf profile: ledger on SQLite, concurrency 16, many users (this process)</summary>\n\n```text\n{profile}\n```\n</details>\n"
         );
     }
+    if let Some(profile) = &ledger.sqlite_batch_profile {
+        let _ = writeln!(
+            out,
+            "<details><summary>perf profile: settlement batches on SQLite (this process)</summary>\n\n```text\n{profile}\n```\n</details>\n"
+        );
+    }
     for failure in &ledger.failures {
         let _ = writeln!(out, "- Not measured: {failure}");
     }
@@ -702,7 +708,10 @@ fn render_core(out: &mut String, results: &Results) {
         "`ResponseMeter` (SSE framing + usage extraction) exactly as the filter drives it: one `feed` per body \
          chunk, then `finish` and `report`, a fresh meter per response. The same `llm-meter-bench-core` code \
          runs natively and as a wasm32-wasip1 module under wasmtime (Cranelift; Envoy runs the filter in V8). \
-         Corpus cases meter every recorded stream of one format ({}), one chunk per event.\n",
+         The `_stripped` case also feeds every chunk to the `InjectedUsageStripper`, as the filter does when it \
+         set `stream_options.include_usage` itself (the client did not ask for usage, so the usage chunk is \
+         removed from what the client receives): what the filter's wasm does per chunk of the proxy bench's \
+         streams. Corpus cases meter every recorded stream of one format ({}), one chunk per event.\n",
         native
             .or(wasm)
             .map_or(String::new(), |r| r.corpus.join(", "))

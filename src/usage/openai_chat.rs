@@ -23,9 +23,11 @@ use super::Observed;
 struct Document<'a> {
     #[serde(borrow)]
     choices: Option<Vec<Choice<'a>>>,
-    usage: Option<ChatUsage>,
-    x_groq: Option<XGroq>,
-    error: Option<Value>,
+    // Boxed: present in one chunk of a stream at most, and a small document is moved
+    // several times while it is built.
+    usage: Option<Box<ChatUsage>>,
+    x_groq: Option<Box<XGroq>>,
+    error: Option<Box<Value>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -33,14 +35,15 @@ struct Document<'a> {
 struct Choice<'a> {
     #[serde(borrow)]
     delta: Option<Message<'a>>,
+    /// Non-streamed responses only (boxed, as the rare fields below).
     #[serde(borrow)]
-    message: Option<Message<'a>>,
+    message: Option<Box<Message<'a>>>,
     /// Legacy Completions.
     #[serde(borrow)]
     text: Text<'a>,
     #[serde(borrow)]
     finish_reason: Text<'a>,
-    usage: Option<ChatUsage>,
+    usage: Option<Box<ChatUsage>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -143,11 +146,14 @@ pub(super) fn on_body(observed: &mut Observed, body: &[u8]) -> bool {
 }
 
 fn apply(observed: &mut Observed, document: &Document<'_>) {
-    if let Some(message) = document.error.as_ref().and_then(describe_error) {
+    if let Some(message) = document.error.as_deref().and_then(describe_error) {
         observed.record_error(message);
     }
     for choice in document.choices.iter().flatten() {
-        for message in [&choice.delta, &choice.message].into_iter().flatten() {
+        for message in [choice.delta.as_ref(), choice.message.as_deref()]
+            .into_iter()
+            .flatten()
+        {
             tally_message(observed, message);
         }
         choice.text.tally_into(&mut observed.text);
@@ -160,7 +166,7 @@ fn apply(observed: &mut Observed, document: &Document<'_>) {
     }
     let top_level = document
         .usage
-        .as_ref()
+        .as_deref()
         .or_else(|| document.x_groq.as_ref()?.usage.as_ref());
     if let Some(usage) = top_level {
         observed.usage = Some(usage.to_usage());
