@@ -219,8 +219,20 @@ impl InjectedUsageStripper {
 /// Whether a complete block is exactly one unnamed event whose data is the usage-only
 /// chunk: a JSON object with an empty `choices` array and a `usage` object.
 fn is_injected_usage_block(block: &[u8], first_block: bool) -> bool {
-    if USAGE_KEY.find(block).is_none() && !has_escaped_ascii(block) {
-        return false;
+    if !has_escaped_ascii(block) {
+        // The data of a one-line block is its text after `data:`, so the test on its data
+        // holds for the block's text as it stands (no SSE parsing for the content chunks,
+        // each of which says `"usage":null`); a longer block may split the JSON across
+        // data lines, so it only has to mention the key.
+        let one_line = memchr::memchr2(b'\n', b'\r', block.trim_ascii_end()).is_none();
+        let mentions_usage = if one_line {
+            key_then(block, &USAGE_KEY, b":{")
+        } else {
+            USAGE_KEY.find(block).is_some()
+        };
+        if !mentions_usage {
+            return false;
+        }
     }
     let mut parser = SseParser::new(block.len());
     let mut ignore = |_: crate::sse::SseEvent<'_>| {};

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::wire::{describe_error, Count, Text};
+use super::wire::{describe_error, from_json, Count, Text};
 use super::Observed;
 
 #[derive(Deserialize, Default)]
@@ -187,7 +187,7 @@ pub(super) fn on_event(
     if SKIPPED_EVENTS.contains(&event_type) {
         return true;
     }
-    let Ok(document) = serde_json::from_slice::<Document>(data) else {
+    let Ok(document) = from_json::<Document>(data) else {
         if event_type == "error" {
             observed.record_error(String::from_utf8_lossy(data).into_owned());
             return true;
@@ -225,7 +225,7 @@ pub(super) fn on_event(
 }
 
 pub(super) fn on_body(observed: &mut Observed, counts: &mut Counts, body: &[u8]) -> bool {
-    let Ok(document) = serde_json::from_slice::<Document>(body) else {
+    let Ok(document) = from_json::<Document>(body) else {
         return false;
     };
     for block in document.content.iter().flatten() {

@@ -15,7 +15,7 @@ use llm_meter_protocol::Usage;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::wire::{Count, Text, ToolCall};
+use super::wire::{from_json, Count, Text, ToolCall};
 use super::Observed;
 
 #[derive(Deserialize, Default)]
@@ -120,7 +120,7 @@ impl DashScopeUsage {
 }
 
 pub(super) fn on_event(observed: &mut Observed, event_type: &str, data: &[u8]) -> bool {
-    let Ok(document) = serde_json::from_slice::<Document>(data) else {
+    let Ok(document) = from_json::<Document>(data) else {
         if event_type == "error" {
             observed.record_error(String::from_utf8_lossy(data).into_owned());
             return true;
@@ -136,7 +136,7 @@ pub(super) fn on_event(observed: &mut Observed, event_type: &str, data: &[u8]) -
 }
 
 pub(super) fn on_body(observed: &mut Observed, body: &[u8]) -> bool {
-    let Ok(document) = serde_json::from_slice::<Document>(body) else {
+    let Ok(document) = from_json::<Document>(body) else {
         return false;
     };
     if document.output.is_none() {

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::wire::{describe_error, Count, Text};
+use super::wire::{describe_error, from_json, Count, Text};
 use super::Observed;
 
 #[derive(Deserialize, Default)]
@@ -96,7 +96,7 @@ impl UsageMetadata {
 }
 
 pub(super) fn on_event(observed: &mut Observed, event_type: &str, data: &[u8]) -> bool {
-    let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
+    let Ok(chunk) = from_json::<Chunk>(data) else {
         if event_type == "error" {
             observed.record_error(String::from_utf8_lossy(data).into_owned());
             return true;
@@ -109,7 +109,7 @@ pub(super) fn on_event(observed: &mut Observed, event_type: &str, data: &[u8]) -
 
 pub(super) fn on_body(observed: &mut Observed, body: &[u8]) -> bool {
     if body.starts_with(b"[") {
-        let Ok(chunks) = serde_json::from_slice::<Vec<Chunk>>(body) else {
+        let Ok(chunks) = from_json::<Vec<Chunk>>(body) else {
             return false;
         };
         chunks.iter().for_each(|chunk| apply(observed, chunk));

@@ -15,7 +15,7 @@ use llm_meter_protocol::Usage;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::wire::{describe_error, Count, Function, Text, ToolCall};
+use super::wire::{describe_error, from_json, Count, Function, Text, ToolCall};
 use super::Observed;
 
 #[derive(Deserialize, Default)]
@@ -40,7 +40,7 @@ struct Choice<'a> {
     message: Option<Box<Message<'a>>>,
     /// Legacy Completions.
     #[serde(borrow)]
-    text: Text<'a>,
+    text: Option<Box<Text<'a>>>,
     #[serde(borrow)]
     finish_reason: Text<'a>,
     usage: Option<Box<ChatUsage>>,
@@ -51,17 +51,19 @@ struct Choice<'a> {
 struct Message<'a> {
     #[serde(borrow)]
     content: Text<'a>,
+    // The rest is boxed: most chunks carry none of it (or `null`), and a small message is
+    // moved several times while a chunk is parsed.
     #[serde(borrow)]
-    reasoning_content: Text<'a>,
+    reasoning_content: Option<Box<Text<'a>>>,
     /// OpenRouter, Groq (`reasoning_details` repeats it and is not counted).
     #[serde(borrow)]
-    reasoning: Text<'a>,
+    reasoning: Option<Box<Text<'a>>>,
     #[serde(borrow)]
-    refusal: Text<'a>,
+    refusal: Option<Box<Text<'a>>>,
     #[serde(borrow)]
     tool_calls: Option<Vec<ToolCall<'a>>>,
     #[serde(borrow)]
-    function_call: Option<Function<'a>>,
+    function_call: Option<Box<Function<'a>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -120,7 +122,7 @@ impl ChatUsage {
 
 /// One streamed chunk (`event: error` marks an in-band error whatever its shape).
 pub(super) fn on_event(observed: &mut Observed, event_type: &str, data: &[u8]) -> bool {
-    let Ok(document) = serde_json::from_slice::<Document>(data) else {
+    let Ok(document) = from_json::<Document>(data) else {
         if event_type == "error" {
             observed.record_error(String::from_utf8_lossy(data).into_owned());
             return true;
@@ -136,7 +138,7 @@ pub(super) fn on_event(observed: &mut Observed, event_type: &str, data: &[u8]) -
 
 /// A complete non-streamed response (or error) body.
 pub(super) fn on_body(observed: &mut Observed, body: &[u8]) -> bool {
-    match serde_json::from_slice::<Document>(body) {
+    match from_json::<Document>(body) {
         Ok(document) => {
             apply(observed, &document);
             true
@@ -156,7 +158,9 @@ fn apply(observed: &mut Observed, document: &Document<'_>) {
         {
             tally_message(observed, message);
         }
-        choice.text.tally_into(&mut observed.text);
+        if let Some(text) = &choice.text {
+            text.tally_into(&mut observed.text);
+        }
         if choice.finish_reason.is_finish_reason() {
             observed.terminal = true;
         }
@@ -176,9 +180,14 @@ fn apply(observed: &mut Observed, document: &Document<'_>) {
 fn tally_message(observed: &mut Observed, message: &Message<'_>) {
     let tally = &mut observed.text;
     message.content.tally_into(tally);
-    message.reasoning_content.tally_into(tally);
-    message.reasoning.tally_into(tally);
-    message.refusal.tally_into(tally);
+    let rare = [
+        &message.reasoning_content,
+        &message.reasoning,
+        &message.refusal,
+    ];
+    rare.into_iter()
+        .flatten()
+        .for_each(|text| text.tally_into(tally));
     for call in message.tool_calls.iter().flatten() {
         if let Some(function) = &call.function {
             function.arguments.tally_into(tally);

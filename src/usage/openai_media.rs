@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::openai_chat::ChatUsage;
-use super::wire::{describe_error, Count, ElementCount, Text};
+use super::wire::{describe_error, from_json, Count, ElementCount, Text};
 use super::Observed;
 
 #[derive(Deserialize, Default)]
@@ -61,7 +61,7 @@ impl ImageUsage {
 }
 
 pub(super) fn on_embeddings_body(observed: &mut Observed, body: &[u8]) -> bool {
-    let Ok(document) = serde_json::from_slice::<EmbeddingsBody>(body) else {
+    let Ok(document) = from_json::<EmbeddingsBody>(body) else {
         return false;
     };
     if let Some(usage) = &document.usage {
@@ -79,7 +79,7 @@ pub(super) fn on_embeddings_body(observed: &mut Observed, body: &[u8]) -> bool {
 }
 
 pub(super) fn on_images_body(observed: &mut Observed, body: &[u8]) -> bool {
-    let Ok(document) = serde_json::from_slice::<ImagesDocument>(body) else {
+    let Ok(document) = from_json::<ImagesDocument>(body) else {
         return false;
     };
     let images = document.data.map_or(0, |d| d.0);
@@ -98,7 +98,7 @@ pub(super) fn on_images_event(observed: &mut Observed, event_type: &str, data: &
     if event_type.ends_with(".partial_image") {
         return true;
     }
-    let Ok(document) = serde_json::from_slice::<ImagesDocument>(data) else {
+    let Ok(document) = from_json::<ImagesDocument>(data) else {
         if event_type == "error" {
             observed.record_error(String::from_utf8_lossy(data).into_owned());
             return true;

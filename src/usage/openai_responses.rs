@@ -13,7 +13,7 @@ use llm_meter_protocol::Usage;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::wire::{describe_error, Count, Text};
+use super::wire::{describe_error, from_json, Count, Text};
 use super::Observed;
 
 #[derive(Deserialize, Default)]
@@ -116,7 +116,7 @@ pub(super) fn on_event(observed: &mut Observed, event_type: &str, data: &[u8]) -
     if is_uninteresting(event_type) {
         return true;
     }
-    let Ok(event) = serde_json::from_slice::<Event>(data) else {
+    let Ok(event) = from_json::<Event>(data) else {
         if event_type == "error" {
             observed.record_error(String::from_utf8_lossy(data).into_owned());
             return true;
@@ -140,7 +140,7 @@ pub(super) fn on_event(observed: &mut Observed, event_type: &str, data: &[u8]) -
 }
 
 pub(super) fn on_body(observed: &mut Observed, body: &[u8]) -> bool {
-    let Ok(response) = serde_json::from_slice::<ResponseObject>(body) else {
+    let Ok(response) = from_json::<ResponseObject>(body) else {
         return false;
     };
     for item in response.output.iter().flatten() {
