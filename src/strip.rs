@@ -24,7 +24,7 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 // Built once: building a searcher costs more than searching one event.
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 static CHOICES_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\""));
-static ESCAPED_ASCII: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u00"));
+static ESCAPE_U00: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u00"));
 /// The held buffer is shrunk back to this after a large block.
 const RETAINED_CAPACITY: usize = 64 * 1024;
 /// Smallest accepted cap (the SSE parser's own minimum).
@@ -219,7 +219,7 @@ impl InjectedUsageStripper {
 /// Whether a complete block is exactly one unnamed event whose data is the usage-only
 /// chunk: a JSON object with an empty `choices` array and a `usage` object.
 fn is_injected_usage_block(block: &[u8], first_block: bool) -> bool {
-    if !has_escaped_ascii(block) {
+    if !has_escaped_letter(block) {
         // The data of a one-line block is its text after `data:`, so the test on its data
         // holds for the block's text as it stands (no SSE parsing for the content chunks,
         // each of which says `"usage":null`); a longer block may split the JSON across
@@ -254,7 +254,7 @@ fn is_injected_usage_block(block: &[u8], first_block: bool) -> bool {
 fn is_usage_only_chunk(data: &[u8]) -> bool {
     // Every content chunk of a stream with usage carries `"usage":null`: the text decides
     // those without building a JSON tree.
-    let could_be = has_escaped_ascii(data)
+    let could_be = has_escaped_letter(data)
         || (key_then(data, &CHOICES_KEY, b":[]") && key_then(data, &USAGE_KEY, b":{"));
     if !could_be {
         return false;
@@ -287,10 +287,13 @@ fn key_then(data: &[u8], key: &Finder<'_>, tokens: &[u8]) -> bool {
     })
 }
 
-/// A `\u00XX` escape can spell a key's ASCII letters, which defeats any textual search for
-/// the key: such text always goes to the JSON parser.
-fn has_escaped_ascii(text: &[u8]) -> bool {
-    ESCAPED_ASCII.find(text).is_some()
+/// A `\u0061`-`\u007F` escape can spell a key's lower-case letters, which defeats any textual
+/// search for the key: such text always goes to the JSON parser. (Escaped accented letters,
+/// `\u00e9`, and CJK, `\u4e2d`, cannot, and leave the fast path alone.)
+fn has_escaped_letter(text: &[u8]) -> bool {
+    ESCAPE_U00
+        .find_iter(text)
+        .any(|at| matches!(text.get(at + 4), Some(b'6' | b'7')))
 }
 
 #[cfg(test)]
@@ -375,6 +378,7 @@ mod tests {
             r#"{"usage":{"prompt_tokens":1},"id":"x","choices":[]}"#,
             r#"{"\u0063hoices":[],"\u0075sage":{"prompt_tokens":1}}"#,
             r#"{"choices":{"nested":1},"choices":[],"usage":null,"usage":{}}"#,
+            r#"{"\u0063hoices":[],"usage":{"note":"caf\u00e9 \u4e2d"}}"#,
         ];
         for json in spelled {
             let block = format!("data: {}\n\n", json.replace('\n', ""));
@@ -384,6 +388,7 @@ mod tests {
             r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#,
             r#"{"choices":[],"usage":null,"note":"\"usage\":{}"}"#,
             r#"{"choices":[],"usage":[{}]}"#,
+            r#"{"choices":[{"delta":{"content":"caf\u00e9"}}],"usage":null}"#,
         ];
         for json in kept {
             let block = format!("data: {json}\n\n");
