@@ -13,7 +13,7 @@ use crate::estimate::TextTally;
 /// Parses a provider document. Valid UTF-8 (nearly every document) is checked once, in
 /// bulk, so the parser does not validate each key and string again (a few % of the meter's
 /// time per chunk); other bytes take the byte parser, which accepts them inside values it
-/// skips, exactly as before.
+/// skips, exactly as before. (Two parsers per document type: ~150 KiB of the filter's wasm.)
 pub fn from_json<'a, T: Deserialize<'a>>(data: &'a [u8]) -> serde_json::Result<T> {
     match std::str::from_utf8(data) {
         Ok(text) => serde_json::from_str(text),
