@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use super::authorize::Admission;
 use super::prefetch::Prefetched;
 use super::{Inner, Ledger, LedgerError};
-use crate::storage::{is_unique_violation, Dialect};
+use crate::storage::{is_unique_violation, CommitError, Dialect};
 
 /// Most operations one transaction applies (also keeps PostgreSQL under its 64 cached
 /// subtransactions when a group has to run with savepoints).
@@ -319,12 +319,11 @@ async fn attempt(
     // The read-ahead settlements' writes: a failure here names no one operation, so the
     // group runs again with savepoints (and no read-ahead), as for any failing operation.
     let deferred = reads.take_deferred();
-    if let Err(e) = deferred.execute(ledger.db().dialect(), tx.conn()).await {
-        let _ = tx.rollback().await;
-        return Err(Failure::Op(e.into()));
+    match tx.commit_with(ledger.db().dialect(), deferred).await {
+        Ok(()) => Ok(results),
+        Err(CommitError::Writes(e)) => Err(Failure::Op(e.into())),
+        Err(CommitError::Commit(e)) => Err(Failure::Group(e.into())),
     }
-    tx.commit().await.map_err(|e| Failure::Group(e.into()))?;
-    Ok(results)
 }
 
 /// The answer of an operation that failed alone (its transaction is rolled back).
