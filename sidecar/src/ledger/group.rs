@@ -316,8 +316,9 @@ async fn attempt(
         };
         results.push(result);
     }
-    // The read-ahead settlements' writes: a failure here names no one operation, so the
-    // group runs again with savepoints (and no read-ahead), as for any failing operation.
+    // The read-ahead settlements' writes, then COMMIT (one call on SQLite). A failed write
+    // names no one operation, so the group runs again with savepoints (and no read-ahead),
+    // as for any failing operation; so does a failed COMMIT sent with the writes on SQLite.
     let deferred = reads.take_deferred();
     match tx.commit_with(ledger.db().dialect(), deferred).await {
         Ok(()) => Ok(results),
