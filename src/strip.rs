@@ -219,20 +219,18 @@ impl InjectedUsageStripper {
 /// Whether a complete block is exactly one unnamed event whose data is the usage-only
 /// chunk: a JSON object with an empty `choices` array and a `usage` object.
 fn is_injected_usage_block(block: &[u8], first_block: bool) -> bool {
-    if !has_escaped_letter(block) {
-        // The data of a one-line block is its text after `data:`, so the test on its data
-        // holds for the block's text as it stands (no SSE parsing for the content chunks,
-        // each of which says `"usage":null`); a longer block may split the JSON across
-        // data lines, so it only has to mention the key.
-        let one_line = memchr::memchr2(b'\n', b'\r', block.trim_ascii_end()).is_none();
-        let mentions_usage = if one_line {
-            key_then(block, &USAGE_KEY, b":{")
-        } else {
-            USAGE_KEY.find(block).is_some()
-        };
-        if !mentions_usage {
-            return false;
-        }
+    // The data of a one-line block is its text after `data:`, so the textual test of the
+    // data holds for the block as it stands: content chunks (each says `"usage":null`) are
+    // decided without SSE parsing. A longer block may split the JSON across data lines, so
+    // it only has to mention the key.
+    let one_line = memchr::memchr2(b'\n', b'\r', block.trim_ascii_end()).is_none();
+    let may_be = if one_line {
+        could_be_usage_only(block)
+    } else {
+        USAGE_KEY.find(block).is_some() || has_escaped_letter(block)
+    };
+    if !may_be {
+        return false;
     }
     let mut parser = SseParser::new(block.len());
     let mut ignore = |_: crate::sse::SseEvent<'_>| {};
@@ -252,11 +250,7 @@ fn is_injected_usage_block(block: &[u8], first_block: bool) -> bool {
 }
 
 fn is_usage_only_chunk(data: &[u8]) -> bool {
-    // Every content chunk of a stream with usage carries `"usage":null`: the text decides
-    // those without building a JSON tree.
-    let could_be = has_escaped_letter(data)
-        || (key_then(data, &CHOICES_KEY, b":[]") && key_then(data, &USAGE_KEY, b":{"));
-    if !could_be {
+    if !could_be_usage_only(data) {
         return false;
     }
     let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(data) else {
@@ -264,6 +258,14 @@ fn is_usage_only_chunk(data: &[u8]) -> bool {
     };
     let no_choices = matches!(chunk.get("choices"), Some(Value::Array(c)) if c.is_empty());
     no_choices && matches!(chunk.get("usage"), Some(Value::Object(_)))
+}
+
+/// A textual necessary condition for JSON `text` to be the usage-only chunk: `"choices"`
+/// opens an empty array and `"usage"` opens an object. It decides every content chunk of a
+/// stream with usage (each carries `"usage":null`) without building a JSON tree.
+fn could_be_usage_only(text: &[u8]) -> bool {
+    has_escaped_letter(text)
+        || (key_then(text, &CHOICES_KEY, b":[]") && key_then(text, &USAGE_KEY, b":{"))
 }
 
 /// Whether some occurrence of `key` is followed by `tokens`, each after optional JSON

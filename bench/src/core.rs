@@ -58,8 +58,7 @@ impl Workload {
         }
     }
 
-    fn stripping(mut self, case: &str) -> Workload {
-        self.case = case.into();
+    fn stripping(mut self) -> Workload {
         self.strips_injected_usage = true;
         self
     }
@@ -133,7 +132,7 @@ pub fn synthetic_workloads() -> Vec<Workload> {
     let joined: Vec<u8> = stream.concat();
     vec![
         Workload::single("openai_stream_300tok_100chunks", true, stream.clone()),
-        Workload::single("", true, stream).stripping("openai_stream_300tok_100chunks_stripped"),
+        Workload::single("openai_stream_300tok_100chunks_stripped", true, stream).stripping(),
         Workload::single(
             "openai_stream_300tok_16KiB_reads",
             true,
@@ -355,6 +354,24 @@ mod tests {
             Some(ProviderFormat::OpenAiChat)
         );
         assert_eq!(fixture_format("SOURCES.md"), None);
+    }
+
+    /// The `_stripped` case does the stripper's real work: it removes exactly the usage
+    /// event of the synthetic stream, so its rate measures what the filter runs.
+    #[test]
+    fn the_stripped_case_removes_exactly_the_usage_event() {
+        let workload = synthetic_workloads()
+            .into_iter()
+            .find(|w| w.strips_injected_usage)
+            .expect("a stripping workload");
+        let stream = &workload.responses[0];
+        let usage_event = &stream[stream.len() - 2];
+        assert!(
+            usage_event.starts_with(br#"data: {"id""#)
+                && usage_event.windows(12).any(|w| w == br#""choices":[]"#)
+        );
+        let total: usize = stream.iter().map(Vec::len).sum();
+        assert_eq!(strip_once(stream), total - usage_event.len());
     }
 
     #[test]

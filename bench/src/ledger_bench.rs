@@ -159,19 +159,12 @@ async fn run_backend(
                     let profiled = round == 0
                         && backend == Backend::Sqlite
                         && concurrency == 16
-                        && spread == Spread::ManyUsers
-                        && crate::profile::available();
-                    let recording = profiled
-                        .then(|| crate::profile::start(dir, "ledger", &[std::process::id()]).ok())
-                        .flatten();
+                        && spread == Spread::ManyUsers;
+                    let recording = crate::profile::start_own(dir, "ledger", profiled);
                     let cell =
                         run_cell(&ledger, backend, concurrency, spread, seconds, &label).await;
                     if let Some(recording) = recording {
-                        section.sqlite_profile = Some(
-                            recording
-                                .finish()
-                                .unwrap_or_else(|e| format!("profile failed: {e:#}")),
-                        );
+                        section.sqlite_profile = Some(recording.summary());
                     }
                     eprintln!(
                         "bench:   round {} c={concurrency:<3} {spread:?}: {:.0} pairs/s",
@@ -186,16 +179,10 @@ async fn run_backend(
         section.cells.extend(median_cells(rounds));
         // One longer run: a batch cell holds few batches per second.
         let batch_seconds = seconds * plan.rounds.max(1) as f64;
-        let recording = (backend == Backend::Sqlite && crate::profile::available())
-            .then(|| crate::profile::start(dir, "batches", &[std::process::id()]).ok())
-            .flatten();
+        let recording = crate::profile::start_own(dir, "batches", backend == Backend::Sqlite);
         let batches = settle_batches(&ledger, backend, batch_seconds).await;
         if let Some(recording) = recording {
-            section.sqlite_batch_profile = Some(
-                recording
-                    .finish()
-                    .unwrap_or_else(|e| format!("profile failed: {e:#}")),
-            );
+            section.sqlite_batch_profile = Some(recording.summary());
         }
         let batches = batches?;
         eprintln!(

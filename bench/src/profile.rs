@@ -30,7 +30,21 @@ pub fn start(dir: &Path, label: &str, pids: &[u32]) -> Result<Recording> {
     Ok(Recording { child, data })
 }
 
+/// Start sampling this process when `wanted` and perf can sample here; None otherwise (a
+/// profile is an extra, never a reason for a cell to fail).
+pub fn start_own(dir: &Path, label: &str, wanted: bool) -> Option<Recording> {
+    (wanted && available())
+        .then(|| start(dir, label, &[std::process::id()]).ok())
+        .flatten()
+}
+
 impl Recording {
+    /// Stop sampling and summarise, or say why the profile failed (for the report).
+    pub fn summary(self) -> String {
+        self.finish()
+            .unwrap_or_else(|e| format!("profile failed: {e:#}"))
+    }
+
     /// Stop sampling (SIGINT, so perf writes its file) and summarise.
     pub fn finish(mut self) -> Result<String> {
         // SAFETY: kill(2) on our own child's pid.
