@@ -17,6 +17,8 @@
 //! the same order (PostgreSQL/MySQL row locks), which keeps deadlocks between them rare;
 //! a deadlock that still happens fails an attempt and is retried like any transient error.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use llm_meter_protocol::{
@@ -62,18 +64,91 @@ struct Pending {
     reply: Reply,
 }
 
-/// The queue in front of this process's writer tasks.
+/// The queues in front of this process's writer tasks.
 pub(super) struct GroupCommit {
-    queue: mpsc::UnboundedSender<Vec<Pending>>,
+    queues: Queues,
 }
 
-/// Most operations per transaction on `dialect`. MySQL runs one: a deadlock there rolls
-/// back the whole transaction, and with one hot user grouped writers of several
-/// processes deadlocked often enough against grants to exhaust their retries.
-fn max_group(dialect: Dialect) -> usize {
-    match dialect {
-        Dialect::MySql => 1,
-        Dialect::Sqlite | Dialect::Postgres => MAX_GROUP,
+enum Queues {
+    /// One queue that every writer takes from; a writer groups whatever is queued.
+    Shared(mpsc::UnboundedSender<Vec<Pending>>),
+    /// A queue per writer (MySQL), which groups only submissions of one user (see
+    /// [`Routes`]).
+    ByUser {
+        queues: Vec<mpsc::UnboundedSender<Vec<Pending>>>,
+        routes: Arc<Routes>,
+    },
+}
+
+/// Which MySQL writer a submission goes to. A user with a submission queued or in flight
+/// at a writer sends the next one to the same writer, where it waits for the running
+/// transaction and then shares the next with the user's other waiting calls: a hot user's
+/// calls take its account's lock and the commit flush once per group instead of once per
+/// call. Any other submission goes to the writer with the least outstanding, so calls of
+/// different users do not queue behind each other while a writer is idle. Submissions of no
+/// single user (a batch of several users', a void, a caller known by API key) are never
+/// grouped.
+struct Routes {
+    /// Submissions sent to each writer and not yet answered.
+    outstanding: Vec<AtomicUsize>,
+    /// Users with submissions outstanding: their writer and how many.
+    users: std::sync::Mutex<HashMap<String, (usize, usize)>>,
+    /// Where the search for the least busy writer starts (spreads ties).
+    turn: AtomicUsize,
+}
+
+impl Routes {
+    fn new(writers: usize) -> Routes {
+        Routes {
+            outstanding: (0..writers).map(|_| AtomicUsize::new(0)).collect(),
+            users: std::sync::Mutex::new(HashMap::new()),
+            turn: AtomicUsize::new(0),
+        }
+    }
+
+    /// The writer for a submission of `user` (None: of no single user).
+    fn route(&self, user: Option<&str>) -> usize {
+        let writer = match user {
+            Some(user) => {
+                let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+                match users.get_mut(user) {
+                    Some((writer, count)) => {
+                        *count += 1;
+                        *writer
+                    }
+                    None => {
+                        let writer = self.least_busy();
+                        users.insert(user.to_string(), (writer, 1));
+                        writer
+                    }
+                }
+            }
+            None => self.least_busy(),
+        };
+        self.outstanding[writer].fetch_add(1, Ordering::Relaxed);
+        writer
+    }
+
+    /// A submission of `user` sent to `writer` was answered.
+    fn done(&self, writer: usize, user: Option<&str>) {
+        self.outstanding[writer].fetch_sub(1, Ordering::Relaxed);
+        let Some(user) = user else { return };
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, count)) = users.get_mut(user) {
+            *count -= 1;
+            if *count == 0 {
+                users.remove(user);
+            }
+        }
+    }
+
+    fn least_busy(&self) -> usize {
+        let n = self.outstanding.len();
+        let start = self.turn.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| (start + i) % n)
+            .min_by_key(|&w| self.outstanding[w].load(Ordering::Relaxed))
+            .unwrap_or(0)
     }
 }
 
@@ -133,8 +208,14 @@ impl GroupCommit {
     /// Starts the writer tasks: one on SQLite (one writer at a time anyway); on PostgreSQL a
     /// quarter of the pool, so groups of different users commit in parallel (half the pool
     /// measured slower: more groups of fewer operations, more commits and lock waits); on
-    /// MySQL, whose groups hold one operation, the whole pool. `LLM_METER_LEDGER_WRITERS`
-    /// overrides the PostgreSQL/MySQL figure (for measurements).
+    /// MySQL the whole pool, each writer with its own queue and its own users (see
+    /// [`Queues::ByUser`]): a deadlock there rolls back the whole transaction, and groups of
+    /// several users, from writers of several processes, deadlocked against each other and
+    /// against grants often enough to exhaust their retries; a group of one user's
+    /// operations takes the locks one of them would, in the same order. A hot user's calls
+    /// then share one transaction (one lock wait and one commit flush) instead of queueing
+    /// one by one on its account row. `LLM_METER_LEDGER_WRITERS` overrides the
+    /// PostgreSQL/MySQL figure (for measurements).
     pub(super) fn start(inner: Weak<Inner>, dialect: Dialect, max_connections: u32) -> Self {
         let default = match dialect {
             Dialect::Sqlite => 1,
@@ -149,13 +230,30 @@ impl GroupCommit {
                 .unwrap_or(default)
                 .clamp(1, max_connections.max(1)),
         };
+        if dialect == Dialect::MySql {
+            let routes = Arc::new(Routes::new(writers as usize));
+            let mut queues = Vec::new();
+            for index in 0..writers as usize {
+                let (queue, receiver) = mpsc::unbounded_channel();
+                let writer = OneUserWriter {
+                    index,
+                    routes: routes.clone(),
+                };
+                tokio::spawn(writer.run(receiver, inner.clone()));
+                queues.push(queue);
+            }
+            return GroupCommit {
+                queues: Queues::ByUser { queues, routes },
+            };
+        }
         let (queue, receiver) = mpsc::unbounded_channel();
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..writers {
-            let limit = max_group(dialect);
-            tokio::spawn(writer(receiver.clone(), inner.clone(), limit));
+            tokio::spawn(writer(receiver.clone(), inner.clone()));
         }
-        GroupCommit { queue }
+        GroupCommit {
+            queues: Queues::Shared(queue),
+        }
     }
 
     /// Queues `ops` (applied in one group) and waits for their answers, in order.
@@ -169,7 +267,7 @@ impl GroupCommit {
         }
         // A send error means the writers are gone (runtime shutting down): the answers
         // below then report it.
-        let _ = self.queue.send(pending);
+        let _ = self.queue_for(&pending).send(pending);
         let mut results = Vec::with_capacity(answers.len());
         for answer in answers {
             results.push(
@@ -182,11 +280,19 @@ impl GroupCommit {
     }
 }
 
-async fn writer(
-    receiver: Arc<Mutex<mpsc::UnboundedReceiver<Vec<Pending>>>>,
-    inner: Weak<Inner>,
-    limit: usize,
-) {
+impl GroupCommit {
+    fn queue_for(&self, submission: &[Pending]) -> &mpsc::UnboundedSender<Vec<Pending>> {
+        match &self.queues {
+            Queues::Shared(queue) => queue,
+            Queues::ByUser { queues, routes } => {
+                &queues[routes.route(single_user(submission)) % queues.len()]
+            }
+        }
+    }
+}
+
+/// A writer of the shared queue: groups whatever is queued, up to [`MAX_GROUP`].
+async fn writer(receiver: Arc<Mutex<mpsc::UnboundedReceiver<Vec<Pending>>>>, inner: Weak<Inner>) {
     loop {
         let mut submissions = Vec::new();
         {
@@ -196,7 +302,7 @@ async fn writer(
             };
             let mut size = first.len();
             submissions.push(first);
-            while size < limit {
+            while size < MAX_GROUP {
                 match receiver.try_recv() {
                     Ok(more) => {
                         size += more.len();
@@ -208,14 +314,82 @@ async fn writer(
         }
         // A submission keeps its own order (a batch may settle then void one call).
         submissions.sort_by(|a, b| lock_key(a).cmp(lock_key(b)));
-        let group: Vec<Pending> = submissions.into_iter().flatten().collect();
-        let Some(inner) = inner.upgrade() else {
+        if !apply(&inner, submissions).await {
             return;
-        };
-        let ledger = Ledger { inner };
-        ledger.count_group(group.len());
-        run_group(&ledger, group).await;
+        }
     }
+}
+
+/// A writer with a queue of its own (MySQL, see [`Routes`]).
+struct OneUserWriter {
+    index: usize,
+    routes: Arc<Routes>,
+}
+
+impl OneUserWriter {
+    /// Groups consecutive submissions of one user, up to [`MAX_GROUP`] operations; any
+    /// other submission is applied on its own, next.
+    async fn run(self, mut receiver: mpsc::UnboundedReceiver<Vec<Pending>>, inner: Weak<Inner>) {
+        let mut next = None;
+        loop {
+            let first = match next.take() {
+                Some(first) => first,
+                None => match receiver.recv().await {
+                    Some(first) => first,
+                    None => return,
+                },
+            };
+            let mut size = first.len();
+            let user = single_user(&first).map(str::to_string);
+            let mut submissions = vec![first];
+            while let Some(user) = user.as_deref() {
+                if size >= MAX_GROUP {
+                    break;
+                }
+                match receiver.try_recv() {
+                    Ok(more) if single_user(&more) == Some(user) => {
+                        size += more.len();
+                        submissions.push(more);
+                    }
+                    Ok(other) => {
+                        next = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let users: Vec<Option<String>> = submissions
+                .iter()
+                .map(|s| single_user(s).map(str::to_string))
+                .collect();
+            let alive = apply(&inner, submissions).await;
+            for user in users {
+                self.routes.done(self.index, user.as_deref());
+            }
+            if !alive {
+                return;
+            }
+        }
+    }
+}
+
+/// Applies `submissions` as one group; false once the ledger is gone.
+async fn apply(inner: &Weak<Inner>, submissions: Vec<Vec<Pending>>) -> bool {
+    let group: Vec<Pending> = submissions.into_iter().flatten().collect();
+    let Some(inner) = inner.upgrade() else {
+        return false;
+    };
+    let ledger = Ledger { inner };
+    ledger.count_group(group.len());
+    run_group(&ledger, group).await;
+    true
+}
+
+/// The user every operation of `submission` locks, when they all lock the same known one.
+fn single_user(submission: &[Pending]) -> Option<&str> {
+    let user = lock_key(submission);
+    let same = submission.iter().all(|p| p.op.lock_key() == user);
+    (!user.is_empty() && same).then_some(user)
 }
 
 /// Why an attempt at a group failed.
@@ -362,5 +536,72 @@ fn copy_error(error: &LedgerError) -> LedgerError {
         LedgerError::Db(E::Protocol(message)) => LedgerError::Db(E::Protocol(message.clone())),
         LedgerError::Busy(message) => LedgerError::Busy(message.clone()),
         other => LedgerError::Busy(format!("the group transaction failed: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use llm_meter_protocol::VoidRequest;
+
+    use super::super::tests::settle_req;
+    use super::*;
+
+    fn pending(op: Op) -> Pending {
+        let (reply, _answer) = oneshot::channel();
+        Pending { op, reply }
+    }
+
+    fn settle(id: &str, user: &str) -> Pending {
+        pending(Op::Settle(settle_req(id, user, 1, 1)))
+    }
+
+    /// MySQL's writers group a submission with others only when all its operations lock
+    /// one known user; a batch of two users, a void (its user is known only once read) and
+    /// a caller known by API key go alone, to the writers in turn.
+    #[test]
+    fn only_submissions_of_one_known_user_are_grouped_by_user() {
+        assert_eq!(
+            single_user(&[settle("a", "u1"), settle("b", "u1")]),
+            Some("u1")
+        );
+        assert_eq!(single_user(&[settle("a", "u1"), settle("b", "u2")]), None);
+        let void = pending(Op::Void(VoidRequest {
+            request_id: "a".into(),
+            reason: "upstream 503".into(),
+            upstream_status: 503,
+            lease_id: None,
+            held: 0,
+        }));
+        assert_eq!(single_user(&[void]), None);
+        let mut by_key = settle_req("a", "u1", 1, 1);
+        by_key.caller = Caller::ApiKey("sk-1".into());
+        assert_eq!(single_user(&[pending(Op::Settle(by_key))]), None);
+        assert_eq!(single_user(&[]), None);
+    }
+
+    /// A user's submissions follow the first one's writer while any is outstanding; others
+    /// go to the least busy writer; once answered, the user is forgotten.
+    #[test]
+    fn a_busy_users_calls_follow_it_and_others_go_to_idle_writers() {
+        let routes = Routes::new(3);
+        let hot = routes.route(Some("hot"));
+        assert_eq!(
+            routes.route(Some("hot")),
+            hot,
+            "follows its outstanding call"
+        );
+        let cold = routes.route(Some("cold"));
+        assert_ne!(cold, hot, "an idle writer, not the busy one");
+        let batch = routes.route(None);
+        assert!(batch != hot && batch != cold, "the last idle writer");
+        routes.done(hot, Some("hot"));
+        assert_eq!(routes.route(Some("hot")), hot, "one call still outstanding");
+        routes.done(hot, Some("hot"));
+        routes.done(hot, Some("hot"));
+        assert!(
+            routes.users.lock().unwrap().get("hot").is_none(),
+            "forgotten"
+        );
+        assert_eq!(routes.outstanding[hot].load(Ordering::Relaxed), 0);
     }
 }

@@ -20,7 +20,7 @@
 //! SQLite only. On PostgreSQL the rows read ahead would have to be locked at BEGIN, before
 //! the group's other operations lock theirs: measured, groups then deadlocked against each
 //! other (each waiting out `deadlock_timeout`) and throughput fell tenfold at concurrency 64.
-//! MySQL groups hold one operation, so there is nothing to share.
+//! MySQL groups hold one user's operations (see `group.rs`), which share its account anyway.
 //!
 //! A group that fails is applied again with savepoints and no read-ahead, so a failing
 //! operation is always answered by the classic path. (A settlement under a lease looks for

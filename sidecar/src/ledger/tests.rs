@@ -1793,3 +1793,51 @@ async fn a_grant_waits_for_the_account_before_writing_its_lot() {
         t.cleanup().await;
     }
 }
+
+/// A burst of one user's calls, with a few of another's, shares group transactions on
+/// every backend (on MySQL too, where a writer groups only one user's submissions), and
+/// every call is answered and held exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hot_users_burst_shares_transactions_on_every_backend() {
+    const CALLS: usize = 40;
+    for t in each_backend().await {
+        seed_catalog(&t.db).await;
+        let f = fixture(&t).await;
+        let l = f.ledger.clone();
+        l.grant(&grant_req("hot", 1_000_000, "seed")).await.unwrap();
+        // Another user's calls in the same burst.
+        l.grant(&grant_req("cold", 1_000_000, "seed-cold"))
+            .await
+            .unwrap();
+        let before = l.group_commits();
+        let barrier = Arc::new(tokio::sync::Barrier::new(CALLS + 4));
+        let mut tasks = Vec::new();
+        for i in 0..CALLS + 4 {
+            let (l, barrier) = (l.clone(), barrier.clone());
+            let user = if i < CALLS { "hot" } else { "cold" };
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                l.authorize(&auth(&format!("burst-{i}"), user, 5, 5)).await
+            }));
+        }
+        for task in tasks {
+            let answer = task.await.unwrap().unwrap();
+            assert_eq!(answer.decision, Decision::Allow, "{:?}", t.backend);
+        }
+        let after = l.group_commits();
+        let (groups, operations) = (
+            after.groups - before.groups,
+            after.operations - before.operations,
+        );
+        assert_eq!(operations, CALLS as u64 + 4, "{:?}", t.backend);
+        assert!(
+            groups <= operations / 2,
+            "{:?}: {operations} operations in {groups} transactions",
+            t.backend
+        );
+        let hot = l.balance("hot", "text_token").await.unwrap().unwrap();
+        assert_eq!(hot.held, (CALLS * 10) as u64, "{:?}", t.backend);
+        assert_clean(&l).await;
+        t.cleanup().await;
+    }
+}
