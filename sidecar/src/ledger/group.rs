@@ -106,24 +106,26 @@ impl Routes {
         }
     }
 
-    /// The writer for a submission of `user` (None: of no single user).
-    fn route(&self, user: Option<&str>) -> usize {
+    /// The writer for a submission of `user` (None: of no single user), among those
+    /// `alive` says still run. A writer that stopped (it would only by a bug: its task
+    /// panicked) takes no more submissions, and its users move on.
+    fn route(&self, user: Option<&str>, alive: impl Fn(usize) -> bool) -> usize {
         let writer = match user {
             Some(user) => {
                 let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
                 match users.get_mut(user) {
-                    Some((writer, count)) => {
+                    Some((writer, count)) if alive(*writer) => {
                         *count += 1;
                         *writer
                     }
-                    None => {
-                        let writer = self.least_busy();
+                    _ => {
+                        let writer = self.least_busy(&alive);
                         users.insert(user.to_string(), (writer, 1));
                         writer
                     }
                 }
             }
-            None => self.least_busy(),
+            None => self.least_busy(&alive),
         };
         self.outstanding[writer].fetch_add(1, Ordering::Relaxed);
         writer
@@ -134,21 +136,25 @@ impl Routes {
         self.outstanding[writer].fetch_sub(1, Ordering::Relaxed);
         let Some(user) = user else { return };
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, count)) = users.get_mut(user) {
-            *count -= 1;
-            if *count == 0 {
-                users.remove(user);
+        // Only the user's current writer's answers count (it may have moved, see `route`).
+        if let Some((current, count)) = users.get_mut(user) {
+            if *current == writer {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    users.remove(user);
+                }
             }
         }
     }
 
-    fn least_busy(&self) -> usize {
+    fn least_busy(&self, alive: &impl Fn(usize) -> bool) -> usize {
         let n = self.outstanding.len();
         let start = self.turn.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|i| (start + i) % n)
+            .filter(|&w| alive(w))
             .min_by_key(|&w| self.outstanding[w].load(Ordering::Relaxed))
-            .unwrap_or(0)
+            .unwrap_or(start % n.max(1))
     }
 }
 
@@ -285,7 +291,8 @@ impl GroupCommit {
         match &self.queues {
             Queues::Shared(queue) => queue,
             Queues::ByUser { queues, routes } => {
-                &queues[routes.route(single_user(submission)) % queues.len()]
+                let alive = |w: usize| queues.get(w).is_some_and(|q| !q.is_closed());
+                &queues[routes.route(single_user(submission), alive) % queues.len()]
             }
         }
     }
@@ -584,18 +591,23 @@ mod tests {
     #[test]
     fn a_busy_users_calls_follow_it_and_others_go_to_idle_writers() {
         let routes = Routes::new(3);
-        let hot = routes.route(Some("hot"));
+        let all = |_: usize| true;
+        let hot = routes.route(Some("hot"), all);
         assert_eq!(
-            routes.route(Some("hot")),
+            routes.route(Some("hot"), all),
             hot,
             "follows its outstanding call"
         );
-        let cold = routes.route(Some("cold"));
+        let cold = routes.route(Some("cold"), all);
         assert_ne!(cold, hot, "an idle writer, not the busy one");
-        let batch = routes.route(None);
+        let batch = routes.route(None, all);
         assert!(batch != hot && batch != cold, "the last idle writer");
         routes.done(hot, Some("hot"));
-        assert_eq!(routes.route(Some("hot")), hot, "one call still outstanding");
+        assert_eq!(
+            routes.route(Some("hot"), all),
+            hot,
+            "one call still outstanding"
+        );
         routes.done(hot, Some("hot"));
         routes.done(hot, Some("hot"));
         assert!(
@@ -603,5 +615,14 @@ mod tests {
             "forgotten"
         );
         assert_eq!(routes.outstanding[hot].load(Ordering::Relaxed), 0);
+
+        // A stopped writer takes nothing more; its users move to another.
+        let stuck = routes.route(Some("stuck"), all);
+        let moved = routes.route(Some("stuck"), |w| w != stuck);
+        assert_ne!(moved, stuck);
+        assert_eq!(routes.route(Some("stuck"), |w| w != stuck), moved);
+        for _ in 0..6 {
+            assert_ne!(routes.route(None, |w| w != stuck), stuck);
+        }
     }
 }
