@@ -327,15 +327,14 @@ async fn writer(receiver: Arc<Mutex<mpsc::UnboundedReceiver<Vec<Pending>>>>, inn
     }
 }
 
-/// A writer with a queue of its own (MySQL, see [`Routes`]).
+/// A writer with a queue of its own (MySQL, see [`Routes`]), whose groups each hold one
+/// user's submissions (see [`one_users_group`]).
 struct OneUserWriter {
     index: usize,
     routes: Arc<Routes>,
 }
 
 impl OneUserWriter {
-    /// Groups consecutive submissions of one user, up to [`MAX_GROUP`] operations; any
-    /// other submission is applied on its own, next.
     async fn run(self, mut receiver: mpsc::UnboundedReceiver<Vec<Pending>>, inner: Weak<Inner>) {
         let mut next = None;
         loop {
@@ -346,31 +345,13 @@ impl OneUserWriter {
                     None => return,
                 },
             };
-            let mut size = first.len();
             let user = single_user(&first).map(str::to_string);
-            let mut submissions = vec![first];
-            while let Some(user) = user.as_deref() {
-                if size >= MAX_GROUP {
-                    break;
-                }
-                match receiver.try_recv() {
-                    Ok(more) if single_user(&more) == Some(user) => {
-                        size += more.len();
-                        submissions.push(more);
-                    }
-                    Ok(other) => {
-                        next = Some(other);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            let users: Vec<Option<String>> = submissions
-                .iter()
-                .map(|s| single_user(s).map(str::to_string))
-                .collect();
+            let (submissions, after) = one_users_group(first, &mut receiver);
+            next = after;
+            let answered = submissions.len();
             let alive = apply(&inner, submissions).await;
-            for user in users {
+            // Every submission of the group is of `user` (or the group is one of no user).
+            for _ in 0..answered {
                 self.routes.done(self.index, user.as_deref());
             }
             if !alive {
@@ -378,6 +359,31 @@ impl OneUserWriter {
             }
         }
     }
+}
+
+/// A MySQL group: `first` and the submissions queued right behind it of the same single
+/// user, up to [`MAX_GROUP`] operations; and the first other submission met, which starts
+/// the next group. A submission of no single user is a group of its own.
+fn one_users_group(
+    first: Vec<Pending>,
+    receiver: &mut mpsc::UnboundedReceiver<Vec<Pending>>,
+) -> (Vec<Vec<Pending>>, Option<Vec<Pending>>) {
+    let Some(user) = single_user(&first).map(str::to_string) else {
+        return (vec![first], None);
+    };
+    let mut size = first.len();
+    let mut submissions = vec![first];
+    while size < MAX_GROUP {
+        match receiver.try_recv() {
+            Ok(more) if single_user(&more) == Some(user.as_str()) => {
+                size += more.len();
+                submissions.push(more);
+            }
+            Ok(other) => return (submissions, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (submissions, None)
 }
 
 /// Applies `submissions` as one group; false once the ledger is gone.
@@ -584,6 +590,46 @@ mod tests {
         by_key.caller = Caller::ApiKey("sk-1".into());
         assert_eq!(single_user(&[pending(Op::Settle(by_key))]), None);
         assert_eq!(single_user(&[]), None);
+    }
+
+    /// A MySQL group takes the same user's submissions queued behind the first, stops at
+    /// another user's (which starts the next group) and at [`MAX_GROUP`] operations; a
+    /// submission of no single user goes alone.
+    #[test]
+    fn a_mysql_group_holds_one_users_submissions() {
+        let (queue, mut receiver) = mpsc::unbounded_channel();
+        for (id, user) in [("b", "u1"), ("c", "u1"), ("d", "u2"), ("e", "u1")] {
+            queue.send(vec![settle(id, user)]).unwrap();
+        }
+        let (group, next) = one_users_group(vec![settle("a", "u1")], &mut receiver);
+        assert_eq!(group.len(), 3);
+        assert!(group.iter().all(|s| single_user(s) == Some("u1")));
+        let next = next.expect("u2's submission starts the next group");
+        assert_eq!(single_user(&next), Some("u2"));
+        let (group, next) = one_users_group(next, &mut receiver);
+        assert_eq!(
+            (group.len(), next.is_some()),
+            (1, true),
+            "u1's waits its turn"
+        );
+
+        let batch = vec![settle("f", "u1"), settle("g", "u2")];
+        let (group, next) = one_users_group(batch, &mut receiver);
+        assert_eq!(
+            (group.len(), next.is_none()),
+            (1, true),
+            "no single user: alone"
+        );
+
+        for i in 0..MAX_GROUP {
+            queue.send(vec![settle(&format!("m{i}"), "u3")]).unwrap();
+        }
+        let (group, next) = one_users_group(vec![settle("m", "u3")], &mut receiver);
+        assert_eq!((group.len(), next.is_none()), (MAX_GROUP, true));
+        assert!(
+            receiver.try_recv().is_ok(),
+            "the rest waits for the next group"
+        );
     }
 
     /// A user's submissions follow the first one's writer while any is outstanding; others
