@@ -72,22 +72,22 @@ pub(super) struct GroupCommit {
 enum Queues {
     /// One queue that every writer takes from; a writer groups whatever is queued.
     Shared(mpsc::UnboundedSender<Vec<Pending>>),
-    /// A queue per writer (MySQL), which groups only submissions of one user (see
-    /// [`Routes`]).
+    /// A queue per writer (PostgreSQL, MySQL), fed by [`Routes`]; see [`Grouping`] for
+    /// what a group holds.
     ByUser {
         queues: Vec<mpsc::UnboundedSender<Vec<Pending>>>,
         routes: Arc<Routes>,
     },
 }
 
-/// Which MySQL writer a submission goes to. A user with a submission queued or in flight
+/// Which writer a submission goes to (PostgreSQL, MySQL). A user with a submission queued or in flight
 /// at a writer sends the next one to the same writer, where it waits for the running
 /// transaction and then shares the next with the user's other waiting calls: a hot user's
 /// calls take its account's lock and the commit flush once per group instead of once per
 /// call. Any other submission goes to the writer with the least outstanding, so calls of
 /// different users do not queue behind each other while a writer is idle. Submissions of no
-/// single user (a batch of several users', a void, a caller known by API key) are never
-/// grouped.
+/// single user (a batch of several users', a void, a caller known by API key) go to the
+/// least busy writer (on MySQL, alone).
 struct Routes {
     /// Submissions sent to each writer and not yet answered.
     outstanding: Vec<AtomicUsize>,
@@ -212,9 +212,9 @@ impl Op {
 
 impl GroupCommit {
     /// Starts the writer tasks: one on SQLite (one writer at a time anyway); on PostgreSQL a
-    /// quarter of the pool, so groups of different users commit in parallel (half the pool
-    /// measured slower: more groups of fewer operations, more commits and lock waits); on
-    /// MySQL the whole pool, each writer with its own queue and its own users (see
+    /// quarter of the pool, each with its own queue (see [`Grouping::AnyUsers`]), so groups
+    /// of different users commit in parallel (half the pool measured slower: more groups of
+    /// fewer operations, more commits and lock waits); on MySQL the whole pool, each writer with its own queue and its own users (see
     /// [`Queues::ByUser`]): a deadlock there rolls back the whole transaction, and groups of
     /// several users, from writers of several processes, deadlocked against each other and
     /// against grants often enough to exhaust their retries; a group of one user's
@@ -236,14 +236,20 @@ impl GroupCommit {
                 .unwrap_or(default)
                 .clamp(1, max_connections.max(1)),
         };
-        if dialect == Dialect::MySql {
+        let grouping = match dialect {
+            Dialect::MySql => Grouping::OneUser,
+            Dialect::Postgres => Grouping::AnyUsers,
+            Dialect::Sqlite => Grouping::Shared,
+        };
+        if grouping != Grouping::Shared {
             let routes = Arc::new(Routes::new(writers as usize));
             let mut queues = Vec::new();
             for index in 0..writers as usize {
                 let (queue, receiver) = mpsc::unbounded_channel();
-                let writer = OneUserWriter {
+                let writer = RoutedWriter {
                     index,
                     routes: routes.clone(),
+                    grouping,
                 };
                 tokio::spawn(writer.run(receiver, inner.clone()));
                 queues.push(queue);
@@ -301,40 +307,42 @@ impl GroupCommit {
 /// A writer of the shared queue: groups whatever is queued, up to [`MAX_GROUP`].
 async fn writer(receiver: Arc<Mutex<mpsc::UnboundedReceiver<Vec<Pending>>>>, inner: Weak<Inner>) {
     loop {
-        let mut submissions = Vec::new();
-        {
+        let submissions = {
             let mut receiver = receiver.lock().await;
             let Some(first) = receiver.recv().await else {
                 return;
             };
-            let mut size = first.len();
-            submissions.push(first);
-            while size < MAX_GROUP {
-                match receiver.try_recv() {
-                    Ok(more) => {
-                        size += more.len();
-                        submissions.push(more);
-                    }
-                    Err(_) => break,
-                }
-            }
-        }
-        // A submission keeps its own order (a batch may settle then void one call).
-        submissions.sort_by(|a, b| lock_key(a).cmp(lock_key(b)));
+            queued_group(first, &mut receiver)
+        };
         if !apply(&inner, submissions).await {
             return;
         }
     }
 }
 
-/// A writer with a queue of its own (MySQL, see [`Routes`]), whose groups each hold one
-/// user's submissions (see [`one_users_group`]).
-struct OneUserWriter {
-    index: usize,
-    routes: Arc<Routes>,
+/// How a writer with a queue of its own (see [`Routes`]) forms its groups.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Grouping {
+    /// No queue of its own: every writer takes from one shared queue (SQLite's one writer).
+    Shared,
+    /// MySQL: a group holds one user's submissions (see [`one_users_group`]).
+    OneUser,
+    /// PostgreSQL: a group holds whatever is queued at the writer, in lock order (see
+    /// [`queued_group`]). As a user's submissions all go to one writer while any is
+    /// outstanding, two writers of a process never wait for each other's locks on one
+    /// account: a hot user's calls share one transaction and one commit instead of four
+    /// writers' transactions queueing on its row.
+    AnyUsers,
 }
 
-impl OneUserWriter {
+/// A writer with a queue of its own, fed by [`Routes`].
+struct RoutedWriter {
+    index: usize,
+    routes: Arc<Routes>,
+    grouping: Grouping,
+}
+
+impl RoutedWriter {
     async fn run(self, mut receiver: mpsc::UnboundedReceiver<Vec<Pending>>, inner: Weak<Inner>) {
         let mut next = None;
         loop {
@@ -345,13 +353,20 @@ impl OneUserWriter {
                     None => return,
                 },
             };
-            let user = single_user(&first).map(str::to_string);
-            let (submissions, after) = one_users_group(first, &mut receiver);
-            next = after;
-            let answered = submissions.len();
+            let submissions = if self.grouping == Grouping::OneUser {
+                let (submissions, after) = one_users_group(first, &mut receiver);
+                next = after;
+                submissions
+            } else {
+                queued_group(first, &mut receiver)
+            };
+            // Whom each submission was routed for, to count its answer against.
+            let users: Vec<Option<String>> = submissions
+                .iter()
+                .map(|s| single_user(s).map(str::to_string))
+                .collect();
             let alive = apply(&inner, submissions).await;
-            // Every submission of the group is of `user` (or the group is one of no user).
-            for _ in 0..answered {
+            for user in &users {
                 self.routes.done(self.index, user.as_deref());
             }
             if !alive {
@@ -359,6 +374,27 @@ impl OneUserWriter {
             }
         }
     }
+}
+
+/// `first` and whatever is queued behind it, up to [`MAX_GROUP`] operations, sorted by
+/// the user each locks (a submission keeps its own order).
+fn queued_group(
+    first: Vec<Pending>,
+    receiver: &mut mpsc::UnboundedReceiver<Vec<Pending>>,
+) -> Vec<Vec<Pending>> {
+    let mut size = first.len();
+    let mut submissions = vec![first];
+    while size < MAX_GROUP {
+        match receiver.try_recv() {
+            Ok(more) => {
+                size += more.len();
+                submissions.push(more);
+            }
+            Err(_) => break,
+        }
+    }
+    submissions.sort_by(|a, b| lock_key(a).cmp(lock_key(b)));
+    submissions
 }
 
 /// A MySQL group: `first` and the submissions queued right behind it of the same single
@@ -628,6 +664,40 @@ mod tests {
         assert_eq!((group.len(), next.is_none()), (MAX_GROUP, true));
         assert!(
             receiver.try_recv().is_ok(),
+            "the rest waits for the next group"
+        );
+    }
+
+    /// A PostgreSQL (or SQLite) group takes everything queued, of any users, up to
+    /// [`MAX_GROUP`] operations, and applies it in lock order; a submission keeps its own
+    /// order inside.
+    #[test]
+    fn a_queued_group_takes_any_users_in_lock_order() {
+        let (queue, mut receiver) = mpsc::unbounded_channel();
+        queue.send(vec![settle("b", "u3")]).unwrap();
+        queue
+            .send(vec![settle("c", "u1"), settle("d", "u0")])
+            .unwrap();
+        queue.send(vec![settle("e", "u2")]).unwrap();
+        let group = queued_group(vec![settle("a", "u2")], &mut receiver);
+        let order: Vec<&str> = group
+            .iter()
+            .flatten()
+            .map(|p| match &p.op {
+                Op::Settle(req) => req.request_id.as_str(),
+                _ => "?",
+            })
+            .collect();
+        assert_eq!(order, ["c", "d", "a", "e", "b"]);
+
+        for i in 0..MAX_GROUP + 3 {
+            queue.send(vec![settle(&format!("m{i}"), "u4")]).unwrap();
+        }
+        let group = queued_group(vec![settle("m", "u4")], &mut receiver);
+        assert_eq!(group.iter().map(Vec::len).sum::<usize>(), MAX_GROUP);
+        assert_eq!(
+            std::iter::from_fn(|| receiver.try_recv().ok()).count(),
+            4,
             "the rest waits for the next group"
         );
     }
