@@ -129,6 +129,10 @@ fn render(variant: Variant, port: u16, admin_port: u16, upstream_port: u16) -> S
             if !leases {
                 config["lease_units"] = 0.into();
             }
+            // Checked when the bench starts (see `filter_overrides`).
+            for (key, value) in filter_overrides().unwrap_or_default() {
+                config[key] = value;
+            }
             (
                 wasm_filter_yaml("llm_meter", &metering_wasm(), &config.to_string()),
                 cluster_yaml("llm_meter_sidecar", sidecar_port),
@@ -201,6 +205,28 @@ fn cluster_yaml(name: &str, port: u16) -> String {
     )
 }
 
+/// Filter settings that replace the metering filter's defaults in this run, from the
+/// environment variable `BENCH_FILTER_EXTRA` (a JSON object, e.g.
+/// `{"lease_idle_ms": 60000}`): for trials of a setting against the defaults. A run that
+/// uses them says so in its report's header.
+pub fn filter_overrides() -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    parse_overrides(std::env::var("BENCH_FILTER_EXTRA").ok().as_deref())
+}
+
+fn parse_overrides(
+    text: Option<&str>,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let Some(text) = text else {
+        return Ok(serde_json::Map::new());
+    };
+    match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(settings)) => Ok(settings),
+        _ => anyhow::bail!(
+            "BENCH_FILTER_EXTRA must be a JSON object of filter settings, got {text:?}"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +249,16 @@ mod tests {
         assert!(metering.contains(r#""user_id_header":"x-user-id""#));
         let callout = render(Variant::CalloutWasm, 1, 2, 3);
         assert!(callout.contains("callout:bench_callout"));
+    }
+
+    #[test]
+    fn filter_overrides_must_be_a_json_object() {
+        assert!(parse_overrides(None).unwrap().is_empty());
+        let settings = parse_overrides(Some(r#"{"lease_idle_ms": 60000}"#)).unwrap();
+        assert_eq!(settings["lease_idle_ms"], 60000);
+        for bad in ["[1]", "60000", "{lease_idle_ms: 1}", ""] {
+            let error = parse_overrides(Some(bad)).unwrap_err().to_string();
+            assert!(error.contains("BENCH_FILTER_EXTRA"), "{bad}: {error}");
+        }
     }
 }

@@ -6,6 +6,9 @@
 //!                 [--json target/bench/results.json]
 //! ```
 //!
+//! `BENCH_FILTER_EXTRA='{"lease_idle_ms": 60000}'` replaces metering filter settings for a
+//! trial against the defaults; the report's header then says so.
+//!
 //! Expects the release builds `make bench` makes first: the sidecar, the filter and the
 //! baseline filters (wasm32-wasip1), and `llm-meter-bench-core` natively and in wasm.
 //! Every load is bounded in time; every process it starts is stopped when it ends.
@@ -31,6 +34,8 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
+    // Checked now, not when the proxy section starts its first Envoy.
+    llm_meter_bench::envoy::filter_overrides()?;
     let root = repo_root();
     let mut args = Args {
         quick: false,

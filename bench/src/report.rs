@@ -29,6 +29,8 @@ pub struct Meta {
     pub quick: bool,
     /// Median 4 KiB write + fdatasync on the scratch disk (µs).
     pub fsync_us: Option<u64>,
+    /// Filter settings this run replaced (`BENCH_FILTER_EXTRA`), as JSON; empty for none.
+    pub filter_overrides: String,
 }
 
 impl Meta {
@@ -59,6 +61,11 @@ impl Meta {
             seconds: 0.0,
             quick,
             fsync_us: crate::procs::fsync_probe_us(&std::env::temp_dir()),
+            filter_overrides: crate::envoy::filter_overrides()
+                .ok()
+                .filter(|settings| !settings.is_empty())
+                .map(|settings| serde_json::Value::Object(settings).to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -156,6 +163,13 @@ pub fn render(results: &Results) -> String {
         meta.load_after,
         meta.fsync_us.map_or("?".into(), |u| u.to_string()),
     );
+    if !meta.filter_overrides.is_empty() {
+        let _ = writeln!(
+            out,
+            "**Not the defaults:** the metering filter ran with `{}` (`BENCH_FILTER_EXTRA`).\n",
+            meta.filter_overrides
+        );
+    }
     let proxy = results.proxy.as_ref().and_then(|p| p.as_ref().ok());
     let native = results.core_native.as_ref().and_then(|c| c.as_ref().ok());
     let wasm = results.core_wasm.as_ref().and_then(|c| c.as_ref().ok());
