@@ -80,8 +80,8 @@ enum Queues {
     },
 }
 
-/// Which writer a submission goes to (PostgreSQL, MySQL). A user with a submission queued or in flight
-/// at a writer sends the next one to the same writer, where it waits for the running
+/// Which writer a submission goes to (PostgreSQL, MySQL). A user with a submission queued
+/// or in flight at a writer sends the next one to the same writer, where it waits for the running
 /// transaction and then shares the next with the user's other waiting calls: a hot user's
 /// calls take its account's lock and the commit flush once per group instead of once per
 /// call. Any other submission goes to the writer with the least outstanding, so calls of
@@ -214,8 +214,8 @@ impl GroupCommit {
     /// Starts the writer tasks: one on SQLite (one writer at a time anyway); on PostgreSQL a
     /// quarter of the pool, each with its own queue (see [`Grouping::AnyUsers`]), so groups
     /// of different users commit in parallel (half the pool measured slower: more groups of
-    /// fewer operations, more commits and lock waits); on MySQL the whole pool, each writer with its own queue and its own users (see
-    /// [`Queues::ByUser`]): a deadlock there rolls back the whole transaction, and groups of
+    /// fewer operations, more commits and lock waits); on MySQL the whole pool, each writer
+    /// with its own queue and its own users (see [`Queues::ByUser`]): a deadlock there rolls back the whole transaction, and groups of
     /// several users, from writers of several processes, deadlocked against each other and
     /// against grants often enough to exhaust their retries; a group of one user's
     /// operations takes the locks one of them would, in the same order. A hot user's calls
