@@ -81,9 +81,9 @@ enum Queues {
 }
 
 /// Which writer a submission goes to (PostgreSQL, MySQL). A user with a submission queued
-/// or in flight at a writer sends the next one to the same writer, where it waits for the running
-/// transaction and then shares the next with the user's other waiting calls: a hot user's
-/// calls take its account's lock and the commit flush once per group instead of once per
+/// or in flight at a writer sends the next one to the same writer, where it waits for the
+/// running transaction and then shares the next with the user's other waiting calls: a hot
+/// user's calls take its account's lock and the commit flush once per group instead of once per
 /// call. Any other submission goes to the writer with the least outstanding, so calls of
 /// different users do not queue behind each other while a writer is idle. Submissions of no
 /// single user (a batch of several users', a void, a caller known by API key) go to the
@@ -215,10 +215,11 @@ impl GroupCommit {
     /// quarter of the pool, each with its own queue (see [`Grouping::AnyUsers`]), so groups
     /// of different users commit in parallel (half the pool measured slower: more groups of
     /// fewer operations, more commits and lock waits); on MySQL the whole pool, each writer
-    /// with its own queue and its own users (see [`Queues::ByUser`]): a deadlock there rolls back the whole transaction, and groups of
-    /// several users, from writers of several processes, deadlocked against each other and
-    /// against grants often enough to exhaust their retries; a group of one user's
-    /// operations takes the locks one of them would, in the same order. A hot user's calls
+    /// with its own queue and its own users (see [`Queues::ByUser`]): a deadlock there rolls
+    /// back the whole transaction, and groups of several users, from writers of several
+    /// processes, deadlocked against each other and against grants often enough to exhaust
+    /// their retries; a group of one user's operations takes the locks one of them would, in
+    /// the same order. A hot user's calls
     /// then share one transaction (one lock wait and one commit flush) instead of queueing
     /// one by one on its account row. `LLM_METER_LEDGER_WRITERS` overrides the
     /// PostgreSQL/MySQL figure (for measurements).
@@ -236,12 +237,7 @@ impl GroupCommit {
                 .unwrap_or(default)
                 .clamp(1, max_connections.max(1)),
         };
-        let grouping = match dialect {
-            Dialect::MySql => Grouping::OneUser,
-            Dialect::Postgres => Grouping::AnyUsers,
-            Dialect::Sqlite => Grouping::Shared,
-        };
-        if grouping != Grouping::Shared {
+        if let Some(grouping) = Grouping::of(dialect) {
             let routes = Arc::new(Routes::new(writers as usize));
             let mut queues = Vec::new();
             for index in 0..writers as usize {
@@ -323,8 +319,6 @@ async fn writer(receiver: Arc<Mutex<mpsc::UnboundedReceiver<Vec<Pending>>>>, inn
 /// How a writer with a queue of its own (see [`Routes`]) forms its groups.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Grouping {
-    /// No queue of its own: every writer takes from one shared queue (SQLite's one writer).
-    Shared,
     /// MySQL: a group holds one user's submissions (see [`one_users_group`]).
     OneUser,
     /// PostgreSQL: a group holds whatever is queued at the writer, in lock order (see
@@ -333,6 +327,17 @@ enum Grouping {
     /// account: a hot user's calls share one transaction and one commit instead of four
     /// writers' transactions queueing on its row.
     AnyUsers,
+}
+
+impl Grouping {
+    /// None: the writers take from one shared queue (SQLite's one writer).
+    fn of(dialect: Dialect) -> Option<Grouping> {
+        match dialect {
+            Dialect::MySql => Some(Grouping::OneUser),
+            Dialect::Postgres => Some(Grouping::AnyUsers),
+            Dialect::Sqlite => None,
+        }
+    }
 }
 
 /// A writer with a queue of its own, fed by [`Routes`].
@@ -666,6 +671,15 @@ mod tests {
             receiver.try_recv().is_ok(),
             "the rest waits for the next group"
         );
+    }
+
+    /// PostgreSQL's and MySQL's writers each have a queue fed by the user routes (a hot
+    /// user's calls meet at one writer); SQLite's one writer takes from a shared queue.
+    #[test]
+    fn routed_writers_on_postgres_and_mysql_only() {
+        assert_eq!(Grouping::of(Dialect::Postgres), Some(Grouping::AnyUsers));
+        assert_eq!(Grouping::of(Dialect::MySql), Some(Grouping::OneUser));
+        assert_eq!(Grouping::of(Dialect::Sqlite), None);
     }
 
     /// A PostgreSQL (or SQLite) group takes everything queued, of any users, up to
