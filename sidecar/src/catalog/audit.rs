@@ -1,8 +1,8 @@
 //! The admin audit trail: who did what, to what, when — written in the same transaction as
 //! the action itself.
 
+use crate::storage::Conn;
 use serde::Serialize;
-use sqlx::AnyConnection;
 
 use crate::storage::{now_ms, Dialect};
 
@@ -21,7 +21,7 @@ impl Actor {
 
 /// Append one audit row on `conn` (inside the caller's transaction).
 pub async fn record(
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     dialect: Dialect,
     actor: &Actor,
     action: &str,

@@ -2,10 +2,11 @@
 
 use std::str::FromStr;
 
+use crate::storage::Conn;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 use utoipa::ToSchema;
 
 use super::plans::{check_price, default_priority};
@@ -98,11 +99,7 @@ pub async fn list(db: &Db) -> CatalogResult<Vec<Package>> {
     rows.iter().map(from_row).collect()
 }
 
-pub async fn get_on(
-    conn: &mut AnyConnection,
-    dialect: Dialect,
-    code: &str,
-) -> CatalogResult<Package> {
+pub async fn get_on(conn: &mut Conn, dialect: Dialect, code: &str) -> CatalogResult<Package> {
     let sql = dialect
         .sql(&format!(
             "SELECT {COLUMNS} FROM token_packages WHERE code = ?"
@@ -121,7 +118,7 @@ pub async fn get_on(
 }
 
 pub async fn get(db: &Db, code: &str) -> CatalogResult<Package> {
-    let mut conn = db.pool().acquire().await?;
+    let mut conn = Conn::from(db.pool().acquire().await?);
     get_on(&mut conn, db.dialect(), code).await
 }
 

@@ -2,10 +2,11 @@
 
 use std::str::FromStr;
 
+use crate::storage::Conn;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 use utoipa::ToSchema;
 
 use super::{
@@ -105,7 +106,7 @@ fn from_row(row: &AnyRow) -> Result<Plan, CatalogError> {
 }
 
 async fn load_quotas(
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     dialect: Dialect,
     plan_id: i64,
 ) -> CatalogResult<Vec<PlanQuota>> {
@@ -126,9 +127,9 @@ async fn load_quotas(
 }
 
 pub async fn list(db: &Db) -> CatalogResult<Vec<Plan>> {
-    let mut conn = db.pool().acquire().await?;
+    let mut conn = Conn::from(db.pool().acquire().await?);
     let sql = format!("SELECT {COLUMNS} FROM subscription_plans ORDER BY code");
-    let rows = sqlx::query(&sql).fetch_all(&mut *conn).await?;
+    let rows = sqlx::query(&sql).fetch_all(&mut conn).await?;
     let mut plans = Vec::with_capacity(rows.len());
     for row in rows {
         let mut plan = from_row(&row)?;
@@ -139,7 +140,7 @@ pub async fn list(db: &Db) -> CatalogResult<Vec<Plan>> {
 }
 
 /// A plan by code, read on `conn` (inside a transaction when the caller has one).
-pub async fn get_on(conn: &mut AnyConnection, dialect: Dialect, code: &str) -> CatalogResult<Plan> {
+pub async fn get_on(conn: &mut Conn, dialect: Dialect, code: &str) -> CatalogResult<Plan> {
     let sql = dialect
         .sql(&format!(
             "SELECT {COLUMNS} FROM subscription_plans WHERE code = ?"
@@ -160,7 +161,7 @@ pub async fn get_on(conn: &mut AnyConnection, dialect: Dialect, code: &str) -> C
 }
 
 pub async fn get(db: &Db, code: &str) -> CatalogResult<Plan> {
-    let mut conn = db.pool().acquire().await?;
+    let mut conn = Conn::from(db.pool().acquire().await?);
     get_on(&mut conn, db.dialect(), code).await
 }
 

@@ -5,6 +5,7 @@
 //! is not yet in force may still be withdrawn (deleted). Prices cannot be backdated, so the
 //! cost of a call already made never changes.
 
+use crate::storage::Conn;
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
@@ -157,8 +158,8 @@ pub async fn list(db: &Db, filter: &PriceFilter) -> CatalogResult<Vec<PriceVersi
     for bind in binds {
         query = query.bind(bind);
     }
-    let mut conn = db.pool().acquire().await?;
-    let rows = query.fetch_all(&mut *conn).await?;
+    let mut conn = Conn::from(db.pool().acquire().await?);
+    let rows = query.fetch_all(&mut conn).await?;
     let mut versions = Vec::with_capacity(rows.len());
     for row in rows {
         let mut view = view_from_row(&row)?;
@@ -169,17 +170,13 @@ pub async fn list(db: &Db, filter: &PriceFilter) -> CatalogResult<Vec<PriceVersi
 }
 
 pub async fn get(db: &Db, id: i64) -> CatalogResult<PriceVersionView> {
-    let mut conn = db.pool().acquire().await?;
+    let mut conn = Conn::from(db.pool().acquire().await?);
     let sql = db
         .sql(&format!(
             "SELECT {COLUMNS} FROM price_versions WHERE id = ?"
         ))
         .into_owned();
-    let Some(row) = sqlx::query(&sql)
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?
-    else {
+    let Some(row) = sqlx::query(&sql).bind(id).fetch_optional(&mut conn).await? else {
         return Err(CatalogError::NotFound(format!(
             "price version {id} does not exist"
         )));
@@ -248,11 +245,7 @@ fn view_from_row(row: &sqlx::any::AnyRow) -> CatalogResult<PriceVersionView> {
     })
 }
 
-async fn load_items(
-    db: &Db,
-    conn: &mut sqlx::AnyConnection,
-    id: i64,
-) -> CatalogResult<Vec<PriceItemView>> {
+async fn load_items(db: &Db, conn: &mut Conn, id: i64) -> CatalogResult<Vec<PriceItemView>> {
     let sql = db.sql("SELECT pricing_type, unit, unit_price FROM price_items WHERE version_id = ? ORDER BY pricing_type");
     let rows = sqlx::query(&sql).bind(id).fetch_all(&mut *conn).await?;
     let mut items = Vec::with_capacity(rows.len());

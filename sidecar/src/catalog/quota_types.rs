@@ -1,7 +1,8 @@
 //! Quota types (`text_token`, `image`, ...): what a quota counts. Rows, not code.
 
+use crate::storage::Conn;
 use serde::Serialize;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 use utoipa::ToSchema;
 
 use super::{CatalogError, CatalogResult};
@@ -38,11 +39,7 @@ pub async fn list(db: &Db) -> CatalogResult<Vec<QuotaType>> {
 }
 
 /// Refuses a quota type that is not configured (422 with the known ones).
-pub async fn ensure_exists(
-    conn: &mut AnyConnection,
-    dialect: Dialect,
-    code: &str,
-) -> CatalogResult<()> {
+pub async fn ensure_exists(conn: &mut Conn, dialect: Dialect, code: &str) -> CatalogResult<()> {
     let sql = dialect.sql("SELECT code FROM quota_types WHERE code = ?");
     if sqlx::query(&sql)
         .bind(code.to_string())
@@ -66,7 +63,7 @@ pub async fn ensure_exists(
 
 /// The quota type that meters a model type by default, if one is configured.
 pub async fn default_for_model_type(
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     dialect: Dialect,
     model_type: &str,
 ) -> CatalogResult<Option<String>> {

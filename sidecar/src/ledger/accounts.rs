@@ -6,7 +6,8 @@
 //! first, then the account row, then that account's lots. The account row is the mutex of
 //! one user's quota type, so two transactions never wait on each other in opposite order.
 
-use sqlx::{AnyConnection, Row};
+use crate::storage::Conn;
+use sqlx::Row;
 
 use super::LedgerError;
 use crate::storage::{Batch, Db, Dialect, Value};
@@ -72,7 +73,7 @@ impl Journal {
 /// Locks the account row (creating an empty one when missing and `create`).
 pub(super) async fn lock_account(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     user_id: &str,
     quota_type: &str,
     create: bool,
@@ -101,7 +102,7 @@ pub(super) async fn lock_account(
 
 async fn select_account(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     user_id: &str,
     quota_type: &str,
 ) -> Result<Option<Account>, LedgerError> {
@@ -131,7 +132,7 @@ async fn select_account(
 
 pub(super) async fn save_account(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     account: &Account,
     now: i64,
 ) -> Result<(), LedgerError> {
@@ -201,7 +202,7 @@ pub(super) struct LotRow {
 /// when given) or every pending and active one.
 async fn open_lots(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     account: &Account,
     only_active_with_remaining: bool,
     limit: Option<usize>,
@@ -240,7 +241,7 @@ async fn open_lots(
 /// from them first), then recomputes `next_event_at`. Returns (units expired, lots expired).
 pub(super) async fn refresh_lots(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     account: &mut Account,
     journal: &mut Journal,
     now: i64,
@@ -302,7 +303,7 @@ pub(super) fn schedule_event(account: &mut Account, at: Option<i64>) {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn expire_lot(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     account: &mut Account,
     journal: &mut Journal,
     lot_id: i64,
@@ -337,7 +338,7 @@ pub(super) async fn expire_lot(
 
 async fn activate_lot(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     account: &mut Account,
     journal: &mut Journal,
     lot_id: i64,
@@ -366,7 +367,7 @@ async fn activate_lot(
 /// Pays the account's debt from a newly active lot; returns the units repaid.
 pub(super) async fn repay_debt(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     account: &mut Account,
     journal: &mut Journal,
     lot_id: i64,
@@ -396,7 +397,7 @@ pub(super) async fn repay_debt(
 
 async fn take_from_lot(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     lot_id: i64,
     units: i64,
     now: i64,
@@ -427,7 +428,7 @@ async fn take_from_lot(
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn burn(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     batch: &mut Batch,
     account: &mut Account,
     journal: &mut Journal,
@@ -486,7 +487,7 @@ pub(super) async fn burn(
 /// Appends the transaction's journal rows in one statement.
 pub(super) async fn write_journal(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     journal: Journal,
     now: i64,
 ) -> Result<(), LedgerError> {

@@ -1,9 +1,10 @@
 //! Admission: resolve the caller and model, size the hold, reserve it.
 
+use crate::storage::Conn;
 use llm_meter_protocol::{
     AuthorizeRequest, AuthorizeResponse, Caller, Decision, Denial, DenyCode, Usage,
 };
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::accounts::{lock_account, refresh_lots, save_account, write_journal, Entry, Journal};
 use super::group::{Done, Op};
@@ -68,7 +69,7 @@ impl Ledger {
         let model = match self.prices().resolve_cached(&req.provider, &req.model, now) {
             Some(model) => model,
             None => {
-                let mut conn = self.db().pool().acquire().await?;
+                let mut conn = Conn::from(self.db().pool().acquire().await?);
                 self.prices()
                     .resolve(&mut conn, &req.provider, &req.model, now)
                     .await?
@@ -195,7 +196,7 @@ impl Ledger {
     /// [`Ledger::replay_authorization_on`].
     pub(super) async fn reserve_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &AuthorizeRequest,
         admission: &Admission,
         reads: &mut Prefetched,
@@ -287,7 +288,7 @@ impl Ledger {
     /// lock the account, apply due expiries/activations, and try again.
     async fn reserve_slowly(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         user_id: &str,
         quota_type: &str,
         hold: i64,
@@ -321,7 +322,7 @@ impl Ledger {
     /// answer.
     pub(super) async fn replay_authorization_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &AuthorizeRequest,
         admission: &Admission,
     ) -> Result<AuthorizeResponse, LedgerError> {
@@ -337,7 +338,7 @@ impl Ledger {
     /// A retry of an authorization that holds for the call itself (or was finalized).
     pub(super) async fn replay_call_authorization_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &AuthorizeRequest,
         admission: &Admission,
     ) -> Result<AuthorizeResponse, LedgerError> {
@@ -444,11 +445,7 @@ impl FastReserve<'_> {
     }
 
     /// PostgreSQL: data-modifying CTEs.
-    async fn in_one_statement(
-        &self,
-        db: &Db,
-        conn: &mut AnyConnection,
-    ) -> Result<bool, sqlx::Error> {
+    async fn in_one_statement(&self, db: &Db, conn: &mut Conn) -> Result<bool, sqlx::Error> {
         let sql = format!(
             "WITH acc AS ({GUARDED_RESERVE} RETURNING user_id, quota_type), \
              hold AS (INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, \
@@ -485,7 +482,7 @@ impl FastReserve<'_> {
 
     /// SQLite: three statements in one call inside the caller's transaction, each insert
     /// conditional on the previous statement having changed a row.
-    async fn in_one_call(&self, db: &Db, conn: &mut AnyConnection) -> Result<bool, sqlx::Error> {
+    async fn in_one_call(&self, db: &Db, conn: &mut Conn) -> Result<bool, sqlx::Error> {
         let sql = format!(
             "{GUARDED_RESERVE};
              INSERT INTO ledger_holds (request_id, user_id, quota_type, provider, model, amount, \

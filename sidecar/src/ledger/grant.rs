@@ -1,6 +1,7 @@
 //! Grants (lots) and lot expiry.
 
-use sqlx::{AnyConnection, Row};
+use crate::storage::Conn;
+use sqlx::Row;
 
 use super::accounts::{
     burn, lock_account, refresh_lots, repay_debt, save_account, save_account_in, schedule_event,
@@ -410,7 +411,7 @@ impl Ledger {
 /// A duplicate source fails with a unique violation before anything else is written.
 pub(super) async fn insert_lot(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     lot: &NewLot<'_>,
     journal: &mut Journal,
     now: i64,
@@ -484,7 +485,7 @@ pub(super) async fn insert_lot(
 /// again, `Err(Conflict)` when the id was used for another account or amount.
 async fn applied_adjustment(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     req: &AdjustRequest,
 ) -> Result<Option<Result<i64, LedgerError>>, LedgerError> {
     let sql =

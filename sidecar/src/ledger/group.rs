@@ -21,11 +21,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
+use crate::storage::Conn;
 use llm_meter_protocol::{
     AuthorizeRequest, AuthorizeResponse, ReleaseRequest, SettleResponse, VoidRequest,
 };
 use llm_meter_protocol::{Caller, SettleRequest};
-use sqlx::{AnyConnection, Executor};
+use sqlx::Executor;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::authorize::Admission;
@@ -175,7 +176,7 @@ impl Op {
     async fn apply(
         &self,
         ledger: &Ledger,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         reads: &mut Prefetched,
     ) -> Result<Done, LedgerError> {
         match self {
@@ -194,7 +195,7 @@ impl Op {
     async fn replay(
         &self,
         ledger: &Ledger,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         error: &LedgerError,
     ) -> Option<Result<Done, LedgerError>> {
         let unique = matches!(error, LedgerError::Db(e) if is_unique_violation(e));
@@ -559,7 +560,7 @@ async fn attempt(
 async fn alone(ledger: &Ledger, op: &Op, error: LedgerError) -> Result<Done, LedgerError> {
     if let Op::Reserve { .. } = op {
         if matches!(&error, LedgerError::Db(e) if is_unique_violation(e)) {
-            let mut conn = ledger.db().pool().acquire().await?;
+            let mut conn = Conn::from(ledger.db().pool().acquire().await?);
             if let Some(replayed) = op.replay(ledger, &mut conn, &error).await {
                 return replayed;
             }

@@ -1,7 +1,8 @@
 //! Caller API keys: stored only as their SHA-256 hash, resolved to the owning user.
 
+use crate::storage::Conn;
 use sha2::{Digest, Sha256};
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::{Ledger, LedgerError};
 
@@ -13,14 +14,14 @@ pub fn hash_api_key(raw: &str) -> String {
 impl Ledger {
     /// The user owning an active, unexpired key, or None.
     pub async fn resolve_api_key(&self, raw: &str) -> Result<Option<String>, LedgerError> {
-        let mut conn = self.db().pool().acquire().await?;
+        let mut conn = Conn::from(self.db().pool().acquire().await?);
         self.resolve_api_key_on(&mut conn, raw).await
     }
 
     /// The user of a live key (active, not expired); None otherwise.
     pub(super) async fn resolve_api_key_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         raw: &str,
     ) -> Result<Option<String>, LedgerError> {
         let owner = self.api_key_row(conn, raw).await?;
@@ -31,7 +32,7 @@ impl Ledger {
     /// (under a lease) belongs to.
     pub(super) async fn api_key_owner_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         raw: &str,
     ) -> Result<Option<String>, LedgerError> {
         let owner = self.api_key_row(conn, raw).await?;
@@ -41,7 +42,7 @@ impl Ledger {
     /// The key's owner and whether the key is live now.
     async fn api_key_row(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         raw: &str,
     ) -> Result<Option<(String, bool)>, LedgerError> {
         if raw.is_empty() || raw.len() > 1024 {

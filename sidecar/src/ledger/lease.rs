@@ -18,12 +18,13 @@
 //! - **Release** gives back what is left; the sweep does it for a lease forgotten past
 //!   `admit_until` + the hold TTL, without a usage record (no call is behind a lease).
 
+use crate::storage::Conn;
 use llm_meter_protocol::{
     AuthorizeRequest, AuthorizeResponse, Caller, DenyCode, HoldMeasure, Lease, LeaseAsk,
     ReleaseRequest, SettleRequest, SettleResponse, SettleStatus, Usage, VoidRequest,
 };
 use sha2::{Digest, Sha256};
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::accounts::{
     lock_account, refresh_lots, save_account, save_account_in, write_journal, Account, Entry,
@@ -100,7 +101,7 @@ impl Ledger {
     /// [`Ledger::replay_authorization_on`].
     pub(super) async fn reserve_lease_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &AuthorizeRequest,
         admission: &Admission,
         terms: LeaseTerms,
@@ -196,7 +197,7 @@ impl Ledger {
     /// back with the lease added to `held` (not saved yet). Denied exactly as a call is.
     async fn size_lease(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         admission: &Admission,
         asked: u64,
         journal: &mut Journal,
@@ -230,7 +231,7 @@ impl Ledger {
     /// The answer to a retried lease authorization; None when no lease was granted to it.
     pub(super) async fn replay_lease_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &AuthorizeRequest,
         admission: &Admission,
     ) -> Result<Option<AuthorizeResponse>, LedgerError> {
@@ -290,7 +291,7 @@ impl Ledger {
     /// caller then settles it like a call without a hold).
     pub(super) async fn settle_under_lease_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &SettleRequest,
         lease_id: &str,
         reads: &mut Prefetched,
@@ -357,7 +358,7 @@ impl Ledger {
     /// share returns to the filter's lease). Idempotent by the call's usage record.
     pub(super) async fn void_under_lease_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &VoidRequest,
         lease_id: &str,
     ) -> Result<Option<SettleResponse>, LedgerError> {
@@ -448,7 +449,7 @@ impl Ledger {
     /// Releases a lease inside the caller's write transaction; None when there is none.
     pub(super) async fn release_lease_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &ReleaseRequest,
     ) -> Result<Option<SettleResponse>, LedgerError> {
         let lease_id = req.lease_id.as_str();
@@ -503,7 +504,7 @@ impl Ledger {
     /// or expired since (the call was admitted under the lease before that).
     async fn owner_of(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         caller: &Caller,
     ) -> Result<Option<String>, LedgerError> {
         match caller {
@@ -515,7 +516,7 @@ impl Ledger {
 
 async fn hold_row_exists(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     request_id: &str,
 ) -> Result<bool, LedgerError> {
     let sql = ledger
@@ -530,7 +531,7 @@ async fn hold_row_exists(
 
 async fn read_granted(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     lease_id: &str,
 ) -> Result<Option<Granted>, LedgerError> {
     let sql = ledger.db().sql(

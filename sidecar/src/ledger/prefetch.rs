@@ -29,7 +29,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::{AnyConnection, Row};
+use crate::storage::Conn;
+use sqlx::Row;
 
 use super::accounts::{Account, BURNABLE_OF_L, BURN_ORDER_OF_L, BURN_READ_LIMIT};
 use super::group::Op;
@@ -88,7 +89,7 @@ impl Prefetched {
     /// cannot be trusted (see the module documentation).
     pub async fn read(
         ledger: &Ledger,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         ops: &[Op],
     ) -> Result<Prefetched, LedgerError> {
         let mut reads = Prefetched {
@@ -104,7 +105,7 @@ impl Prefetched {
 /// operation (SQLite; see the module documentation).
 async fn read_settlements(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     ops: &[Op],
 ) -> Result<HashMap<String, (Hold, Account)>, LedgerError> {
     let dialect = ledger.db().dialect();
@@ -207,7 +208,7 @@ fn owned_by_one(
 /// lots in burn order into `found` (SQLite). Holds without an account (finalized orphans)
 /// are left out.
 async fn read_holds(
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     keys: &[String],
     found: &mut HashMap<String, (Hold, Account)>,
 ) -> Result<(), LedgerError> {

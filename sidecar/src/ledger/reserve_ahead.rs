@@ -23,7 +23,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::{AnyConnection, Row};
+use crate::storage::Conn;
+use sqlx::Row;
 
 use super::accounts::{Entry, Journal};
 use super::authorize::{held_hold_values, INSERT_HELD_HOLD};
@@ -39,7 +40,7 @@ const ROWS_PER_UPDATE: usize = 64;
 /// ones are reserved, with their hold and journal rows deferred.
 pub(super) async fn reserve_ahead(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     ops: &[Op],
     reads: &mut Prefetched,
 ) -> Result<(), LedgerError> {
@@ -129,7 +130,7 @@ fn eligible(ops: &[Op]) -> Vec<Candidate<'_>> {
 
 /// One guarded update for `chunk`'s accounts; the accounts it changed.
 async fn reserve_accounts(
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     chunk: &[Candidate<'_>],
     now: i64,
 ) -> Result<Vec<(String, String)>, LedgerError> {

@@ -238,7 +238,7 @@ impl Ledger {
     /// Expires this membership's still-open lots of periods before `this_period`.
     async fn expire_earlier_periods(
         &self,
-        conn: &mut sqlx::AnyConnection,
+        conn: &mut crate::storage::Conn,
         user_id: &str,
         prefix: &str,
         this_period: &str,

@@ -2,11 +2,12 @@
 
 use std::sync::Arc;
 
+use crate::storage::Conn;
 use llm_meter_protocol::{
     AuthorizeRequest, AuthorizeResponse, Caller, Decision, Finalize, Outcome, ReleaseRequest,
     SettleRequest, SettleResponse, SettleStatus, Usage, VoidRequest,
 };
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::accounts::{
     burn, lock_account, refresh_lots, save_account_in, Account, Entry, Journal, LotRow,
@@ -213,7 +214,7 @@ impl Ledger {
     /// Settles inside the caller's write transaction (see [`Ledger::settle`]).
     pub(super) async fn settle_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &SettleRequest,
         reads: &mut Prefetched,
     ) -> Result<SettleResponse, LedgerError> {
@@ -309,7 +310,7 @@ impl Ledger {
     /// `deferred` (a group's read-ahead settlement, see `prefetch.rs`).
     pub(super) async fn record_settlement(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         settlement: Settlement<'_>,
         mut batch: Batch,
         deferred: Option<&mut Batch>,
@@ -379,7 +380,7 @@ impl Ledger {
 
     pub(super) async fn target_of_hold(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         hold: Hold,
         release: i64,
     ) -> Result<Target, LedgerError> {
@@ -409,7 +410,7 @@ impl Ledger {
     /// A settlement with no hold: fail-open, or a hold that was never written.
     async fn direct_target(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &SettleRequest,
         now: i64,
     ) -> Result<Option<Target>, LedgerError> {
@@ -456,7 +457,7 @@ impl Ledger {
     /// Answers a retried settlement from its usage record.
     pub(super) async fn replay_settlement_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &SettleRequest,
     ) -> Result<SettleResponse, LedgerError> {
         let sql = self.db().sql(
@@ -611,7 +612,7 @@ impl Ledger {
     /// Voids inside the caller's write transaction; None when there is no hold.
     pub(super) async fn void_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         req: &VoidRequest,
     ) -> Result<Option<SettleResponse>, LedgerError> {
         if let Some(lease_id) = &req.lease_id {
@@ -714,7 +715,7 @@ impl Ledger {
     /// Void or expiry of one hold; None when there is no hold. `Voided` means released now.
     pub(super) async fn release_on(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         request_id: &str,
         release: Release<'_>,
     ) -> Result<Option<SettleResponse>, LedgerError> {
@@ -824,7 +825,7 @@ impl Ledger {
     /// replays it as denied instead of holding.
     pub(super) async fn void_before_authorize(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         void: &VoidRequest,
         now: i64,
     ) -> Result<Option<SettleResponse>, LedgerError> {
@@ -883,7 +884,7 @@ impl Ledger {
             lease: None,
         };
         let units = {
-            let mut conn = self.db().pool().acquire().await?;
+            let mut conn = Conn::from(self.db().pool().acquire().await?);
             let model = self
                 .prices()
                 .resolve(&mut conn, &req.provider, &req.model, self.now())
@@ -936,7 +937,7 @@ pub(super) enum Release<'a> {
 /// None only when there is no hold.
 pub(super) async fn load_hold(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     request_id: &str,
 ) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
     let db = ledger.db();
@@ -983,7 +984,7 @@ pub(super) fn account_of(
 /// PostgreSQL); MySQL reads the lots when it burns.
 pub(super) async fn load_hold_to_charge(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     request_id: &str,
 ) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
     match ledger.db().dialect() {
@@ -1039,7 +1040,7 @@ fn hold_and_lots_sql_with(dialect: Dialect, extra: &str) -> String {
 /// driver and a network round trip on PostgreSQL, and a settlement needs the lots anyway.
 async fn load_hold_and_lots(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     request_id: &str,
 ) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
     let db = ledger.db();
@@ -1089,7 +1090,7 @@ pub(super) enum LeaseRead {
 /// ask in turn, as before.
 pub(super) async fn load_lease_to_charge(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     lease_id: &str,
     call_id: &str,
 ) -> Result<LeaseRead, LedgerError> {
@@ -1149,7 +1150,7 @@ const HOLD_COLUMNS: &str = "user_id, quota_type, provider, model, amount, price_
 /// A hold row read without locking it (for its immutable columns).
 pub(super) async fn read_hold(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     request_id: &str,
 ) -> Result<Option<Hold>, LedgerError> {
     let db = ledger.db();
@@ -1165,7 +1166,7 @@ pub(super) async fn read_hold(
 /// authorize leaves one for an unknown user); an open one means the ledger is broken.
 async fn load_orphan_hold(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     request_id: &str,
 ) -> Result<(Option<Hold>, Option<Account>), LedgerError> {
     let db = ledger.db();
@@ -1230,7 +1231,7 @@ fn push_tombstone(batch: &mut Batch, request_id: &str, target: &Target, status: 
 
 pub(super) async fn usage_record_exists(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     request_id: &str,
 ) -> Result<bool, LedgerError> {
     Ok(usage_record_status(ledger, conn, request_id)
@@ -1241,7 +1242,7 @@ pub(super) async fn usage_record_exists(
 /// The status of a request's usage record (settled, voided, expired), if it has one.
 pub(super) async fn usage_record_status(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     request_id: &str,
 ) -> Result<Option<String>, LedgerError> {
     let sql = ledger
@@ -1284,7 +1285,7 @@ pub(super) fn measure(target: &Target, usage: &Usage) -> Result<Measured, Ledger
 /// the remainder as debt. Writes are queued into `batch`. Returns (charged, debt).
 async fn charge(
     ledger: &Ledger,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     batch: &mut Batch,
     charge: Charge<'_>,
     journal: &mut Journal,

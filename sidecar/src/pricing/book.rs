@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::storage::Conn;
 use llm_meter_protocol::Usage;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::{load_price_version, PriceVersion, PricingError};
 use crate::storage::Db;
@@ -144,7 +145,7 @@ impl PriceBook {
     /// Model, quota type and price in force at `at` (Unix ms).
     pub async fn resolve(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         provider: &str,
         model: &str,
         at: i64,
@@ -224,7 +225,7 @@ impl PriceBook {
     /// A price version by id (cached forever: versions are immutable).
     pub async fn version(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         id: i64,
     ) -> Result<Option<Arc<PriceVersion>>, PricingError> {
         if let Some(v) = self.versions.read().ok().and_then(|m| m.get(&id).cloned()) {
@@ -243,7 +244,7 @@ impl PriceBook {
     /// A quota type definition by code.
     pub async fn quota_type(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         code: &str,
     ) -> Result<Option<QuotaTypeDef>, PricingError> {
         self.with_quota_types(conn, |types| types.get(code).cloned())
@@ -252,7 +253,7 @@ impl PriceBook {
 
     async fn quota_type_for_model_type(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         model_type: &str,
     ) -> Result<Option<String>, PricingError> {
         self.with_quota_types(conn, |types| first_for_model_type(types, model_type))
@@ -261,7 +262,7 @@ impl PriceBook {
 
     async fn with_quota_types<T>(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         f: impl Fn(&HashMap<String, QuotaTypeDef>) -> T,
     ) -> Result<T, PricingError> {
         if let Ok(guard) = self.quota_types.read() {
@@ -302,7 +303,7 @@ impl PriceBook {
 
     async fn model_entry(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         provider: &str,
         model: &str,
     ) -> Result<ModelEntry, PricingError> {

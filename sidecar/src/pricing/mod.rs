@@ -25,9 +25,10 @@ pub use book::{Measure, ModelPricing, PriceBook, QuotaTypeDef, DEFAULT_QUOTA_TYP
 
 use std::str::FromStr;
 
+use crate::storage::Conn;
 use llm_meter_protocol::Usage;
 use rust_decimal::{Decimal, RoundingStrategy};
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use crate::storage::{insert_returning_id, now_ms, with_returning_id, Db};
 
@@ -355,7 +356,7 @@ pub async fn create_price_version(db: &Db, version: &NewPriceVersion) -> Result<
 /// Loads one price version by id.
 pub async fn load_price_version(
     db: &Db,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     id: i64,
 ) -> Result<Option<PriceVersion>, PricingError> {
     let sql = db.sql(

@@ -234,7 +234,7 @@ async fn the_version_in_force_follows_effective_dates() {
         let second = create_price_version(db, &new).await.unwrap();
 
         let book = PriceBook::new(db.clone(), Duration::from_secs(60));
-        let mut conn = db.pool().acquire().await.unwrap();
+        let mut conn = crate::storage::Conn::from(db.pool().acquire().await.unwrap());
         let price_id = |p: &ModelPricing| p.price.as_ref().map(|v| v.id);
         let p = book.resolve(&mut conn, "openai", "gpt", 999).await.unwrap();
         assert_eq!(price_id(&p), None, "{:?}", t.backend);

@@ -8,6 +8,8 @@
 //!
 //! SQL is written once with `?` placeholders; [`Db::sql`] rewrites it to `$n` for PostgreSQL.
 
+mod conn;
+mod direct;
 pub mod schema;
 #[doc(hidden)]
 pub mod testing;
@@ -19,8 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Transaction};
+use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Connection, Executor};
 use tokio::sync::{Mutex, OwnedMutexGuard};
+
+pub use conn::Conn;
+use direct::DirectConn;
+pub use direct::DirectSqliteError;
 
 /// Errors from connecting and migrating.
 #[derive(Debug, thiserror::Error)]
@@ -169,8 +175,11 @@ pub struct Db {
     pool: AnyPool,
     dialect: Dialect,
     /// SQLite: this process's one writer connection, behind its gate (see [`WriteTx`]).
-    writer: Option<Arc<Mutex<Option<AnyConnection>>>>,
+    writer: Option<Arc<Mutex<Option<Conn>>>>,
     connect_options: AnyConnectOptions,
+    /// SQLite: the database file the writer opens directly; None for an in-memory database
+    /// (another connection would see another database), whose writer goes through sqlx.
+    writer_file: Option<std::path::PathBuf>,
     busy_ms: u128,
     /// SQLite: the background WAL checkpoints, stopped with the last clone of this `Db`.
     _checkpointer: Option<Arc<AbortOnDrop>>,
@@ -190,54 +199,60 @@ impl Drop for AbortOnDrop {
 /// On SQLite every write of the process goes through ONE connection, kept open between
 /// transactions behind a gate: SQLite allows one writer at a time anyway, and queueing
 /// writers here is much faster than letting them spin on the file lock (other processes
-/// still wait on `busy_timeout`). Keeping the same connection matters too: a connection
-/// whose view of the file another connection changed must re-read every page it cached,
-/// so rotating writes over the pool re-read the hot pages on nearly every transaction.
-/// It begins with `BEGIN IMMEDIATE`, so a read followed by a write can never hit the
-/// lock-upgrade deadlock. A transaction dropped unfinished closes the connection, which
-/// rolls it back; the next one opens a fresh connection.
+/// still wait, see [`DirectConn::begin_immediate`]). Keeping the same connection matters
+/// too: a connection whose view of the file another connection changed must re-read every
+/// page it cached, so rotating writes over the pool re-read the hot pages on nearly every
+/// transaction. That connection is driven directly on the calling thread (see
+/// [`direct`]). It begins with `BEGIN IMMEDIATE`, so a read followed by a write can never
+/// hit the lock-upgrade deadlock. A transaction dropped unfinished closes the connection,
+/// which rolls it back; the next one opens a fresh connection.
 pub struct WriteTx {
-    inner: TxInner,
-}
-
-enum TxInner {
-    Pooled(Transaction<'static, Any>),
-    Dedicated {
-        conn: AnyConnection,
-        slot: OwnedMutexGuard<Option<AnyConnection>>,
-    },
+    conn: Conn,
+    /// SQLite: the writer's slot, where the connection goes back once the transaction ends.
+    slot: Option<OwnedMutexGuard<Option<Conn>>>,
 }
 
 impl WriteTx {
     /// The connection to run statements on.
-    pub fn conn(&mut self) -> &mut AnyConnection {
-        match &mut self.inner {
-            TxInner::Pooled(tx) => tx,
-            TxInner::Dedicated { conn, .. } => conn,
-        }
+    pub fn conn(&mut self) -> &mut Conn {
+        &mut self.conn
     }
 
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        match self.inner {
-            TxInner::Pooled(tx) => tx.commit().await,
-            TxInner::Dedicated { conn, slot } => end_dedicated(conn, slot, "COMMIT").await,
-        }
+        self.end("COMMIT").await
     }
 
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        match self.inner {
-            TxInner::Pooled(tx) => tx.rollback().await,
-            TxInner::Dedicated { conn, slot } => end_dedicated(conn, slot, "ROLLBACK").await,
+        self.end("ROLLBACK").await
+    }
+
+    async fn end(self, statement: &str) -> Result<(), sqlx::Error> {
+        let WriteTx { conn, slot } = self;
+        match (conn, slot) {
+            (Conn::Tx(tx), _) if statement == "COMMIT" => tx.commit().await,
+            (Conn::Tx(tx), _) => tx.rollback().await,
+            (mut conn, Some(mut slot)) => {
+                // On failure the connection is dropped (closed: SQLite rolls back what is
+                // left open) and the next transaction opens another.
+                conn.execute(statement).await?;
+                *slot = Some(conn);
+                Ok(())
+            }
+            (_, None) => Err(sqlx::Error::Protocol(
+                "a write transaction without its connection's slot".into(),
+            )),
         }
     }
 
     /// Applies `writes`, then commits; on any failure the transaction is rolled back. On
-    /// SQLite's dedicated writer the writes and the COMMIT go to the SQLite thread in one
-    /// call: every call is a hand-off between threads (a futex wake-up each way), and a
-    /// group transaction makes only a handful.
+    /// SQLite's writer the writes and the COMMIT go out in one call: through sqlx every
+    /// call is a hand-off between threads (a futex wake-up each way).
     pub async fn commit_with(self, dialect: Dialect, mut writes: Batch) -> Result<(), CommitError> {
-        match self.inner {
-            TxInner::Dedicated { mut conn, mut slot } if !writes.is_empty() => {
+        match self {
+            WriteTx {
+                mut conn,
+                slot: Some(mut slot),
+            } if !writes.is_empty() => {
                 writes.push("COMMIT", Vec::new());
                 match writes.execute(dialect, &mut conn).await {
                     Ok(()) => {
@@ -247,13 +262,16 @@ impl WriteTx {
                     Err(e) => {
                         // A failed write or COMMIT leaves the transaction open: roll it back
                         // (or close the connection, which does).
-                        let _ = end_dedicated(conn, slot, "ROLLBACK").await;
+                        let tx = WriteTx {
+                            conn,
+                            slot: Some(slot),
+                        };
+                        let _ = tx.rollback().await;
                         Err(CommitError::Writes(e))
                     }
                 }
             }
-            inner => {
-                let mut tx = WriteTx { inner };
+            mut tx => {
                 if let Err(e) = writes.execute(dialect, tx.conn()).await {
                     let _ = tx.rollback().await;
                     return Err(CommitError::Writes(e));
@@ -271,19 +289,6 @@ pub enum CommitError {
     Writes(sqlx::Error),
     /// The writes applied and the COMMIT failed.
     Commit(sqlx::Error),
-}
-
-/// Ends a transaction of the dedicated writer and puts the connection back in its slot.
-async fn end_dedicated(
-    mut conn: AnyConnection,
-    mut slot: OwnedMutexGuard<Option<AnyConnection>>,
-    statement: &str,
-) -> Result<(), sqlx::Error> {
-    // On failure the connection is dropped (closed: SQLite rolls back what is left open)
-    // and the next transaction opens another.
-    conn.execute(statement).await?;
-    *slot = Some(conn);
-    Ok(())
 }
 
 impl Db {
@@ -326,6 +331,10 @@ impl Db {
             .connect_with(connect_options.clone())
             .await?;
         let writer = (dialect == Dialect::Sqlite).then(|| Arc::new(Mutex::new(None)));
+        let writer_file = match dialect {
+            Dialect::Sqlite => sqlite_file(&url)?,
+            _ => None,
+        };
         let checkpointer = (dialect == Dialect::Sqlite).then(|| {
             let task = tokio::spawn(checkpoint_wal(pool.clone()));
             Arc::new(AbortOnDrop(task.abort_handle()))
@@ -335,6 +344,7 @@ impl Db {
             dialect,
             writer,
             connect_options,
+            writer_file,
             busy_ms,
             _checkpointer: checkpointer,
         })
@@ -358,7 +368,8 @@ impl Db {
         let Some(writer) = &self.writer else {
             let tx = self.pool.begin().await?;
             return Ok(WriteTx {
-                inner: TxInner::Pooled(tx),
+                conn: Conn::Tx(tx),
+                slot: None,
             });
         };
         let mut slot = writer.clone().lock_owned().await;
@@ -371,25 +382,35 @@ impl Db {
             None => self.connect_writer().await?,
         };
         // On failure the connection is dropped; the next transaction opens another.
-        conn.execute("BEGIN IMMEDIATE").await?;
+        match &mut conn {
+            Conn::Direct(direct) => direct.begin_immediate().await?,
+            other => {
+                other.execute("BEGIN IMMEDIATE").await?;
+            }
+        }
         Ok(WriteTx {
-            inner: TxInner::Dedicated { conn, slot },
+            conn,
+            slot: Some(slot),
         })
     }
 
     /// A connection of its own for this process's writes (SQLite), set up like the pool's.
-    async fn connect_writer(&self) -> Result<AnyConnection, sqlx::Error> {
-        let mut conn = AnyConnection::connect_with(&self.connect_options).await?;
-        for statement in session_setup(self.dialect, self.busy_ms) {
-            conn.execute(statement.as_str()).await?;
-        }
+    async fn connect_writer(&self) -> Result<Conn, sqlx::Error> {
         // Checkpoints are [`checkpoint_wal`]'s job: the writer checkpoints itself only if
         // the WAL grows far past SQLite's default (the background job stopped, or fell
         // behind), so no commit waits for a checkpoint's copy and fsync in the normal case.
         let limit = WRITER_AUTOCHECKPOINT_PAGES;
-        conn.execute(format!("PRAGMA wal_autocheckpoint = {limit}").as_str())
-            .await?;
-        Ok(conn)
+        let mut setup = session_setup(self.dialect, self.busy_ms);
+        setup.push(format!("PRAGMA wal_autocheckpoint = {limit}"));
+        if let Some(file) = &self.writer_file {
+            let busy = Duration::from_millis(self.busy_ms.try_into().unwrap_or(u64::MAX));
+            return DirectConn::open(file, busy, &setup).map(Conn::Direct);
+        }
+        let mut conn = AnyConnection::connect_with(&self.connect_options).await?;
+        for statement in setup {
+            conn.execute(statement.as_str()).await?;
+        }
+        Ok(Conn::Sqlx(conn))
     }
 
     /// Applies pending migrations; safe to run concurrently from several processes and again.
@@ -399,7 +420,8 @@ impl Db {
 
     pub async fn close(&self) {
         if let Some(writer) = &self.writer {
-            if let Some(conn) = writer.lock().await.take() {
+            // The direct writer closes when dropped.
+            if let Some(Conn::Sqlx(conn)) = writer.lock().await.take() {
                 let _ = conn.close().await;
             }
         }
@@ -453,6 +475,18 @@ fn session_setup(dialect: Dialect, busy_ms: u128) -> Vec<String> {
         ],
         Dialect::Postgres => vec![],
     }
+}
+
+/// The file a SQLite URL names; None for an in-memory database.
+fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>, StorageError> {
+    use std::str::FromStr;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    let file = options.get_filename();
+    let in_memory = file.as_os_str().is_empty()
+        || file
+            .to_str()
+            .is_some_and(|f| f.starts_with(':') || f.contains("mode=memory"));
+    Ok((!in_memory).then(|| file.to_path_buf()))
 }
 
 /// Adds `mode=rwc` (create if missing) and creates the parent directory of a file database.
@@ -510,11 +544,16 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         // PostgreSQL serialization failure / deadlock detected.
         Some("40001") | Some("40P01") => true,
         // SQLite BUSY, LOCKED and their extended codes (BUSY_SNAPSHOT = 517, ...).
-        Some(code) if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
+        Some(code) if is_sqlite_error(db.as_ref()) => {
             matches!(code.parse::<i64>().map(|c| c & 0xff), Ok(5) | Ok(6))
         }
         _ => false,
     }
+}
+
+fn is_sqlite_error(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+        || db.try_downcast_ref::<DirectSqliteError>().is_some()
 }
 
 /// True when the error is a unique / primary key violation.
@@ -530,7 +569,7 @@ pub fn now_ms() -> i64 {
 /// Runs an `INSERT` (written without `RETURNING`) and returns the generated `id`.
 pub async fn insert_returning_id<'q>(
     dialect: Dialect,
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
 ) -> Result<i64, sqlx::Error> {
     if dialect.has_returning() {
@@ -621,13 +660,18 @@ impl Batch {
         self.statements.is_empty()
     }
 
-    pub async fn execute(
-        self,
-        dialect: Dialect,
-        conn: &mut AnyConnection,
-    ) -> Result<(), sqlx::Error> {
+    pub async fn execute(self, dialect: Dialect, conn: &mut Conn) -> Result<(), sqlx::Error> {
         if self.statements.is_empty() {
             return Ok(());
+        }
+        if let Conn::Direct(direct) = conn {
+            // No hand-off to save: each statement on its own, each prepared form cached
+            // unless the batch is one-off.
+            let statements = self
+                .statements
+                .iter()
+                .map(|(sql, values)| (sql.as_str(), any_values(values)));
+            return direct.execute_each(statements, !self.one_off);
         }
         let combined = match dialect {
             Dialect::MySql => {
@@ -858,6 +902,21 @@ fn number_placeholders(sql: &str, after: usize, prefix: &str) -> (String, usize)
 }
 
 /// Binds `values` in order to `query`.
+/// `values` as the `Any` driver's arguments.
+fn any_values(values: &[Value]) -> Vec<sqlx_core::any::AnyValueKind<'_>> {
+    use sqlx::any::AnyTypeInfoKind;
+    use sqlx_core::any::AnyValueKind;
+    values
+        .iter()
+        .map(|value| match value {
+            Value::Int(Some(v)) => AnyValueKind::BigInt(*v),
+            Value::Int(None) => AnyValueKind::Null(AnyTypeInfoKind::BigInt),
+            Value::Text(Some(v)) => AnyValueKind::Text(Cow::Borrowed(v.as_str())),
+            Value::Text(None) => AnyValueKind::Null(AnyTypeInfoKind::Text),
+        })
+        .collect()
+}
+
 pub fn bind_values<'q>(
     mut query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
     values: Vec<Value>,
@@ -925,15 +984,32 @@ mod tests {
                     vec![code.into(), format!("provider {code}").into(), 1i64.into(), 2i64.into()],
                 );
             }
-            let mut conn = t.db.pool().acquire().await.unwrap();
+            // On a pooled connection and in a write transaction (SQLite's direct writer).
+            let mut conn = Conn::from(t.db.pool().acquire().await.unwrap());
             batch.execute(t.db.dialect(), &mut conn).await.unwrap();
             let n: i64 = sqlx::query("SELECT COUNT(*) FROM providers")
-                .fetch_one(&mut *conn)
+                .fetch_one(&mut conn)
                 .await
                 .map(|r| sqlx::Row::get(&r, 0))
                 .unwrap();
             assert_eq!(n, 2, "{:?}", t.backend);
             drop(conn);
+            let tx = t.db.begin_write().await.unwrap();
+            let mut batch = Batch::default();
+            batch.push(
+                "UPDATE providers SET name = ? WHERE code = ?",
+                vec!["renamed".into(), "a".into()],
+            );
+            batch.push("DELETE FROM providers WHERE code = ?", vec!["b".into()]);
+            tx.commit_with(t.db.dialect(), batch).await.unwrap();
+            let names: Vec<String> = sqlx::query("SELECT name FROM providers")
+                .fetch_all(t.db.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| sqlx::Row::get(r, 0))
+                .collect();
+            assert_eq!(names, ["renamed"], "{:?}", t.backend);
             t.cleanup().await;
         }
     }
@@ -944,7 +1020,12 @@ mod tests {
     #[tokio::test]
     async fn merged_batches_write_what_their_statements_would() {
         let t = testing::fresh(Dialect::Sqlite).await;
-        let mut conn = t.db.pool().acquire().await.unwrap();
+        let mut tx = t.db.begin_write().await.unwrap();
+        let conn = tx.conn();
+        assert!(
+            matches!(conn, Conn::Direct(_)),
+            "SQLite writes go through the direct writer"
+        );
         conn.execute("CREATE TABLE m (k TEXT PRIMARY KEY, n INTEGER NOT NULL, note TEXT)")
             .await
             .unwrap();
@@ -974,7 +1055,7 @@ mod tests {
         assert!(texts[0].contains("VALUES (?, ?, 'why?'), (?, ?, 'why?'), (?, ?, 'why?') ON"));
         assert!(texts[1].contains("FROM (VALUES (?, ?, ?), (?, ?, ?)) AS v WHERE k = v.column3"));
         assert_eq!(texts[2], texts[3], "one row twice: not merged");
-        merged.execute(Dialect::Sqlite, &mut conn).await.unwrap();
+        merged.execute(Dialect::Sqlite, conn).await.unwrap();
         let rows: Vec<(String, i64, String)> = sqlx::query("SELECT k, n, note FROM m ORDER BY k")
             .fetch_all(&mut *conn)
             .await
@@ -989,7 +1070,7 @@ mod tests {
             rows,
             [("x".into(), 37, "n1".into()), ("y".into(), 20, "n2".into())]
         );
-        drop(conn);
+        tx.commit().await.unwrap();
         t.cleanup().await;
     }
 
