@@ -479,6 +479,28 @@ fn to_sqlx(error: rusqlite::Error) -> sqlx::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::{is_transient, is_unique_violation};
+    use sqlx::Row;
+
+    fn temp_file() -> std::path::PathBuf {
+        std::env::temp_dir().join(format!(
+            "llm-meter-direct-{:016x}.db",
+            rand::random::<u64>()
+        ))
+    }
+
+    fn open(path: &Path, busy: Duration) -> DirectConn {
+        let setup = ["PRAGMA journal_mode = WAL".to_string()];
+        DirectConn::open(path, busy, &setup).unwrap()
+    }
+
+    fn text(s: &str) -> AnyValueKind<'_> {
+        AnyValueKind::Text(Cow::Borrowed(s))
+    }
+
+    fn rows(steps: Vec<Step>) -> Vec<AnyRow> {
+        steps.into_iter().filter_map(|s| s.right()).collect()
+    }
 
     #[test]
     fn statements_are_counted_outside_quotes() {
@@ -496,5 +518,138 @@ mod tests {
         assert_eq!(declared_kind(Some("varchar(64)")), AnyTypeInfoKind::Text);
         assert_eq!(declared_kind(Some("REAL")), AnyTypeInfoKind::Double);
         assert_eq!(declared_kind(None), AnyTypeInfoKind::Null);
+    }
+
+    /// Values come back by their storage class, as sqlx's SQLite driver maps them into the
+    /// `Any` driver, and decode by column name; NULL decodes as None.
+    #[test]
+    fn rows_decode_as_through_sqlx() {
+        let path = temp_file();
+        let mut conn = open(&path, Duration::ZERO);
+        conn.execute_plain(
+            "CREATE TABLE v (k VARCHAR(8) PRIMARY KEY, n BIGINT, x REAL, note TEXT)",
+        )
+        .unwrap();
+        let insert = "INSERT INTO v (k, n, x, note) VALUES (?, ?, ?, ?) RETURNING n";
+        for cached in [true, false] {
+            let k = if cached { "a" } else { "b" };
+            let null = AnyValueKind::Null(AnyTypeInfoKind::Text);
+            let args = vec![
+                text(k),
+                AnyValueKind::BigInt(i64::MAX),
+                AnyValueKind::Double(0.5),
+                null,
+            ];
+            let returned = rows(conn.run(insert, args, cached, None).unwrap());
+            assert_eq!(returned[0].get::<i64, _>("n"), i64::MAX);
+        }
+        let all = rows(
+            conn.run("SELECT k, n, x, note FROM v ORDER BY k", vec![], true, None)
+                .unwrap(),
+        );
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].get::<String, _>("k"), "b");
+        assert_eq!(all[1].get::<f64, _>("x"), 0.5);
+        assert_eq!(all[1].get::<Option<String>, _>("note"), None);
+        assert!(
+            all[1].try_get::<String, _>("note").is_err(),
+            "NULL is not a string"
+        );
+        assert!(all[0].try_get::<i64, _>("missing").is_err());
+        let first = conn
+            .run("SELECT k FROM v ORDER BY k", vec![], true, Some(1))
+            .unwrap();
+        assert_eq!(rows(first).len(), 1, "a row limit stops the statement");
+        drop(conn);
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// Several statements in one text bind their arguments in order, and a count of
+    /// arguments that does not match the placeholders is an error, not a silent NULL.
+    #[test]
+    fn several_statements_share_the_arguments_in_order() {
+        let path = temp_file();
+        let mut conn = open(&path, Duration::ZERO);
+        conn.execute_plain("CREATE TABLE t (k TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+            .unwrap();
+        let sql = "INSERT INTO t VALUES (?, ?);\nUPDATE t SET n = n + ? WHERE k = ?";
+        let args = vec![
+            text("a"),
+            AnyValueKind::BigInt(1),
+            AnyValueKind::BigInt(41),
+            text("a"),
+        ];
+        let steps = conn.run(sql, args, false, None).unwrap();
+        let changed: u64 = steps
+            .iter()
+            .filter_map(|s| s.as_ref().left())
+            .map(|r| r.rows_affected)
+            .sum();
+        assert_eq!(changed, 2);
+        let n = rows(conn.run("SELECT n FROM t", vec![], true, None).unwrap());
+        assert_eq!(n[0].get::<i64, _>(0), 42);
+
+        let too_many = vec![text("b"), AnyValueKind::BigInt(1), AnyValueKind::BigInt(2)];
+        let error = conn
+            .run("INSERT INTO t VALUES (?, ?)", too_many, true, None)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("more arguments"), "{error}");
+        let too_few = vec![text("c")];
+        let error = conn
+            .run("INSERT INTO t VALUES (?, ?)", too_few, true, None)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("fewer arguments"), "{error}");
+        drop(conn);
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// SQLite's errors keep their meaning: a duplicate key is a unique violation, and a
+    /// write lock another connection holds past the busy timeout is transient (retried).
+    #[tokio::test]
+    async fn errors_keep_their_meaning() {
+        let path = temp_file();
+        let mut conn = open(&path, Duration::from_millis(30));
+        conn.execute_plain("CREATE TABLE t (k TEXT PRIMARY KEY)")
+            .unwrap();
+        let insert = "INSERT INTO t VALUES (?)";
+        conn.run(insert, vec![text("a")], true, None).unwrap();
+        let duplicate = conn.run(insert, vec![text("a")], true, None).err().unwrap();
+        assert!(is_unique_violation(&duplicate), "{duplicate:?}");
+        assert!(!is_transient(&duplicate));
+
+        let mut other = open(&path, Duration::ZERO);
+        other.begin_immediate().await.unwrap();
+        let started = Instant::now();
+        let busy = conn.begin_immediate().await.unwrap_err();
+        assert!(is_transient(&busy), "{busy:?}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(30),
+            "it waited for the lock"
+        );
+        other.execute_plain("ROLLBACK").unwrap();
+        drop((conn, other));
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// `BEGIN IMMEDIATE` waits for another connection's write lock without holding its
+    /// thread: other tasks of a one-thread runtime keep running, and it begins once the
+    /// lock is released.
+    #[tokio::test(flavor = "current_thread")]
+    async fn waiting_for_the_write_lock_does_not_hold_the_thread() {
+        let path = temp_file();
+        let mut conn = open(&path, Duration::from_secs(5));
+        let mut other = open(&path, Duration::ZERO);
+        other.begin_immediate().await.unwrap();
+        let release = async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            other.execute_plain("COMMIT").unwrap();
+        };
+        let (begun, ()) = tokio::join!(conn.begin_immediate(), release);
+        begun.unwrap();
+        conn.execute_plain("COMMIT").unwrap();
+        drop(conn);
+        let _ = std::fs::remove_file(path);
     }
 }
