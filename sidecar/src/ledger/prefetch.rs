@@ -5,7 +5,8 @@
 //! driver or a network round trip to PostgreSQL, and round trips, not work, bound the
 //! ledger. A group reads these rows for all of its settlements at once, right after BEGIN,
 //! and the settlements that used them write at the end of the group, all together, merged
-//! into a few statements (their writes touch rows no other operation of the group reads).
+//! into a few statements where that pays (their writes touch rows no other operation of the
+//! group reads; see `Batch::mergeable`).
 //!
 //! A row read ahead stays true for the one operation that owns it only while nothing else
 //! can change it before that operation runs:
@@ -79,9 +80,10 @@ impl Prefetched {
         &mut self.deferred
     }
 
-    /// The deferred writes, merged, to apply before the group commits.
+    /// The deferred writes, to apply (merged where that saves statements) before the
+    /// group commits.
     pub fn take_deferred(&mut self) -> Batch {
-        std::mem::take(&mut self.deferred).merged()
+        std::mem::take(&mut self.deferred).mergeable()
     }
 
     /// Reads ahead for `ops` on `conn` (inside the group's transaction), and reserves
