@@ -35,6 +35,8 @@ pub struct LatencyPoint {
     pub settle_p99_us: u64,
     /// Seconds spent growing the ledger to this size.
     pub grow_seconds: f64,
+    /// Authorize+settle p50 in each interleaved round.
+    pub round_pair_p50_us: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +69,18 @@ pub async fn run(
     section
 }
 
+/// One ledger grown to one size, measured in every round.
+struct Cell {
+    bench_db: BenchDb,
+    db: Db,
+    ledger: Ledger,
+    size: u64,
+    grow_seconds: f64,
+    authorize_us: Vec<u64>,
+    settle_us: Vec<u64>,
+    round_pair_p50_us: Vec<u64>,
+}
+
 async fn run_backend(
     dir: &std::path::Path,
     backend: Backend,
@@ -75,10 +89,55 @@ async fn run_backend(
     pairs: usize,
     section: &mut GrowthSection,
 ) -> Result<()> {
-    let bench_db = BenchDb::create(backend, dir, "growth").await?;
-    let result = async {
-        let db = bench_db.connect(DbOptions::default()).await?;
+    // One database per size, grown first and then measured in interleaved rounds, so the
+    // machine's drift over the minutes of growing hits every size alike (measured one after
+    // the other, the same build read 1.0x here and 2.0x there).
+    let mut cells = Vec::new();
+    let grown = grow_all(dir, backend, user_levels, &mut cells).await;
+    let result = match grown {
+        Ok(()) => measure_users(backend, pairs, &mut cells, section).await,
+        Err(e) => Err(e),
+    };
+    let lots = match (&result, cells.first()) {
+        (Ok(()), Some(cell)) => {
+            measure_lots(&cell.ledger, backend, lot_levels, pairs, section).await
+        }
+        _ => Ok(()),
+    };
+    for cell in cells {
+        cell.db.close().await;
+        cell.bench_db.drop_database().await;
+    }
+    result.and(lots)
+}
+
+/// A ledger per user level, each with the catalog, the template user and its copies.
+async fn grow_all(
+    dir: &std::path::Path,
+    backend: Backend,
+    user_levels: &[u64],
+    cells: &mut Vec<Cell>,
+) -> Result<()> {
+    for &level in user_levels {
+        let bench_db = BenchDb::create(backend, dir, &format!("growth{level}")).await?;
+        let db = match bench_db.connect(DbOptions::default()).await {
+            Ok(db) => db,
+            Err(e) => {
+                bench_db.drop_database().await;
+                return Err(e);
+            }
+        };
         let ledger = Ledger::new(db.clone(), LedgerConfig::default());
+        cells.push(Cell {
+            bench_db,
+            db: db.clone(),
+            ledger: ledger.clone(),
+            size: level,
+            grow_seconds: 0.0,
+            authorize_us: Vec::new(),
+            settle_us: Vec::new(),
+            round_pair_p50_us: Vec::new(),
+        });
         seed::seed_catalog(&ledger).await?;
         // The template: one grant and one settled call, like any active user.
         seed::grant(&ledger, TEMPLATE, 1_000_000_000, "grow-template").await?;
@@ -88,77 +147,131 @@ async fn run_backend(
         ledger
             .settle(&settle_request("grow-template-call", TEMPLATE))
             .await?;
-
-        let mut have = 0u64;
-        for (round, &level) in user_levels.iter().enumerate() {
-            let started = Instant::now();
-            copy_template(&db, have, level).await?;
-            have = level;
-            let grow_seconds = started.elapsed().as_secs_f64();
-            analyze(&db).await;
-            let mut point = measure(&ledger, backend, pairs, &format!("u{round}"), |n| {
-                // A pseudo-random spread over every user, so lookups miss caches as they would.
-                format!("grow-{}", (n as u64).wrapping_mul(2_654_435_761) % level)
-            })
-            .await;
-            point.size = level;
-            point.grow_seconds = grow_seconds;
-            eprintln!(
-                "bench:   {level} users: authorize p50 {} us, settle p50 {} us",
-                point.authorize_p50_us, point.settle_p50_us
-            );
-            section.users.push(point);
+        let started = Instant::now();
+        copy_template(&db, 0, level).await?;
+        if let Some(cell) = cells.last_mut() {
+            cell.grow_seconds = started.elapsed().as_secs_f64();
         }
-
-        for &lots in lot_levels {
-            let user = format!("lots-{lots}");
-            let started = Instant::now();
-            for i in 0..lots {
-                ledger
-                    .grant(&GrantRequest {
-                        user_id: user.clone(),
-                        quota_type: seed::QUOTA_TYPE.into(),
-                        amount: 1_000_000_000,
-                        source_type: "purchase".into(),
-                        source_id: format!("{user}-{i}"),
-                        remark: None,
-                        effective_from: None,
-                        // Distinct expiries, so burn order is decided by them.
-                        expires_at: Some(ledger.now() + 86_400_000 * (365 + i as i64)),
-                        priority: (i % 3) as i32,
-                    })
-                    .await
-                    .with_context(|| format!("grant lot {i} of {user}"))?;
-            }
-            let grow_seconds = started.elapsed().as_secs_f64();
-            let mut point = measure(&ledger, backend, pairs, &format!("l{lots}"), |_| {
-                user.clone()
-            })
-            .await;
-            point.size = lots;
-            point.grow_seconds = grow_seconds;
-            eprintln!(
-                "bench:   {lots} lots: authorize p50 {} us, settle p50 {} us",
-                point.authorize_p50_us, point.settle_p50_us
-            );
-            section.lots.push(point);
-        }
-        db.close().await;
-        Ok(())
+        analyze(&db).await;
+        eprintln!("bench:   grew a ledger of {level} users");
     }
-    .await;
-    bench_db.drop_database().await;
-    result
+    Ok(())
 }
 
-/// Sequential authorize+settle pairs (concurrency 1: latency, not throughput).
-async fn measure(
+/// Rounds over every size: each round measures a share of the pairs on each.
+async fn measure_users(
+    backend: Backend,
+    pairs: usize,
+    cells: &mut [Cell],
+    section: &mut GrowthSection,
+) -> Result<()> {
+    for round in 0..ROUNDS {
+        for cell in cells.iter_mut() {
+            let level = cell.size;
+            let label = format!("u{level}r{round}");
+            let (authorize_us, settle_us) = measure(&cell.ledger, pairs / ROUNDS, &label, |n| {
+                // A pseudo-random spread over every user, so lookups miss caches as
+                // they would; each round starts elsewhere in the spread.
+                let n = (n + round * pairs) as u64;
+                format!("grow-{}", n.wrapping_mul(2_654_435_761) % level)
+            })
+            .await;
+            let mut pair_us: Vec<u64> = (authorize_us.iter().zip(&settle_us))
+                .map(|(a, s)| a + s)
+                .collect();
+            pair_us.sort_unstable();
+            cell.round_pair_p50_us.push(quantile(&pair_us, 0.5));
+            cell.authorize_us.extend(authorize_us);
+            cell.settle_us.extend(settle_us);
+        }
+    }
+    for cell in cells.iter_mut() {
+        let mut point = point_of(
+            backend,
+            cell.size,
+            std::mem::take(&mut cell.authorize_us),
+            std::mem::take(&mut cell.settle_us),
+        );
+        point.grow_seconds = cell.grow_seconds;
+        point.round_pair_p50_us = cell.round_pair_p50_us.clone();
+        eprintln!(
+            "bench:   {} users: authorize p50 {} us, settle p50 {} us (pair p50 per round {:?})",
+            cell.size, point.authorize_p50_us, point.settle_p50_us, point.round_pair_p50_us
+        );
+        section.users.push(point);
+    }
+    Ok(())
+}
+
+/// Rounds over one user with 1, 100 and 1000 live lots (users of one ledger).
+async fn measure_lots(
     ledger: &Ledger,
     backend: Backend,
+    lot_levels: &[u64],
+    pairs: usize,
+    section: &mut GrowthSection,
+) -> Result<()> {
+    for &lots in lot_levels {
+        grant_lots(ledger, &format!("lots-{lots}"), lots).await?;
+    }
+    let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); lot_levels.len()];
+    for round in 0..ROUNDS {
+        for (&lots, (authorize, settle, rounds)) in lot_levels.iter().zip(samples.iter_mut()) {
+            let user = format!("lots-{lots}");
+            let label = format!("l{lots}r{round}");
+            let (a, s) = measure(ledger, pairs / ROUNDS, &label, |_| user.clone()).await;
+            let mut pair_us: Vec<u64> = a.iter().zip(&s).map(|(a, s)| a + s).collect();
+            pair_us.sort_unstable();
+            rounds.push(quantile(&pair_us, 0.5));
+            authorize.extend(a);
+            settle.extend(s);
+        }
+    }
+    for (&lots, (authorize, settle, rounds)) in lot_levels.iter().zip(samples) {
+        let mut point = point_of(backend, lots, authorize, settle);
+        point.round_pair_p50_us = rounds;
+        eprintln!(
+            "bench:   {lots} lots: authorize p50 {} us, settle p50 {} us",
+            point.authorize_p50_us, point.settle_p50_us
+        );
+        section.lots.push(point);
+    }
+    Ok(())
+}
+
+/// `lots` live lots for `user`, with distinct priorities and expiries.
+async fn grant_lots(ledger: &Ledger, user: &str, lots: u64) -> Result<()> {
+    for i in 0..lots {
+        ledger
+            .grant(&GrantRequest {
+                user_id: user.to_string(),
+                quota_type: seed::QUOTA_TYPE.into(),
+                amount: 1_000_000_000,
+                source_type: "purchase".into(),
+                source_id: format!("{user}-{i}"),
+                remark: None,
+                effective_from: None,
+                // Distinct expiries, so burn order is decided by them.
+                expires_at: Some(ledger.now() + 86_400_000 * (365 + i as i64)),
+                priority: (i % 3) as i32,
+            })
+            .await
+            .with_context(|| format!("grant lot {i} of {user}"))?;
+    }
+    Ok(())
+}
+
+/// Interleaved rounds per size (each measures `pairs / ROUNDS` pairs on every size).
+const ROUNDS: usize = 5;
+
+/// Sequential authorize+settle pairs (concurrency 1: latency, not throughput); the
+/// latencies of the pairs that were allowed and settled, in order.
+async fn measure(
+    ledger: &Ledger,
     pairs: usize,
     label: &str,
     user_of: impl Fn(usize) -> String,
-) -> LatencyPoint {
+) -> (Vec<u64>, Vec<u64>) {
     let mut authorize_us = Vec::with_capacity(pairs);
     let mut settle_us = Vec::with_capacity(pairs);
     // A short warm-up (statement caches, first page reads) is not counted.
@@ -182,17 +295,27 @@ async fn measure(
             settle_us.push(settle_elapsed);
         }
     }
+    (authorize_us, settle_us)
+}
+
+fn point_of(
+    backend: Backend,
+    size: u64,
+    mut authorize_us: Vec<u64>,
+    mut settle_us: Vec<u64>,
+) -> LatencyPoint {
     authorize_us.sort_unstable();
     settle_us.sort_unstable();
     LatencyPoint {
         backend: backend.label(),
-        size: 0,
+        size,
         pairs: settle_us.len() as u64,
         authorize_p50_us: quantile(&authorize_us, 0.5),
         authorize_p99_us: quantile(&authorize_us, 0.99),
         settle_p50_us: quantile(&settle_us, 0.5),
         settle_p99_us: quantile(&settle_us, 0.99),
         grow_seconds: 0.0,
+        round_pair_p50_us: Vec::new(),
     }
 }
 
