@@ -72,13 +72,47 @@ pub async fn run(
 /// One ledger grown to one size, measured in every round.
 struct Cell {
     bench_db: BenchDb,
-    db: Db,
     ledger: Ledger,
     size: u64,
     grow_seconds: f64,
+    samples: Samples,
+}
+
+/// The latencies of one size over the interleaved rounds.
+#[derive(Default)]
+struct Samples {
     authorize_us: Vec<u64>,
     settle_us: Vec<u64>,
     round_pair_p50_us: Vec<u64>,
+}
+
+impl Samples {
+    /// Adds one round's pairs (as [`measure`] returns them).
+    fn add_round(&mut self, (authorize_us, settle_us): (Vec<u64>, Vec<u64>)) {
+        let mut pair_us: Vec<u64> = (authorize_us.iter().zip(&settle_us))
+            .map(|(a, s)| a + s)
+            .collect();
+        pair_us.sort_unstable();
+        self.round_pair_p50_us.push(quantile(&pair_us, 0.5));
+        self.authorize_us.extend(authorize_us);
+        self.settle_us.extend(settle_us);
+    }
+
+    fn into_point(mut self, backend: Backend, size: u64) -> LatencyPoint {
+        self.authorize_us.sort_unstable();
+        self.settle_us.sort_unstable();
+        LatencyPoint {
+            backend: backend.label(),
+            size,
+            pairs: self.settle_us.len() as u64,
+            authorize_p50_us: quantile(&self.authorize_us, 0.5),
+            authorize_p99_us: quantile(&self.authorize_us, 0.99),
+            settle_p50_us: quantile(&self.settle_us, 0.5),
+            settle_p99_us: quantile(&self.settle_us, 0.99),
+            grow_seconds: 0.0,
+            round_pair_p50_us: self.round_pair_p50_us,
+        }
+    }
 }
 
 async fn run_backend(
@@ -95,20 +129,21 @@ async fn run_backend(
     let mut cells = Vec::new();
     let grown = grow_all(dir, backend, user_levels, &mut cells).await;
     let result = match grown {
-        Ok(()) => measure_users(backend, pairs, &mut cells, section).await,
+        Ok(()) => {
+            measure_users(backend, pairs, &mut cells, section).await;
+            // Lots are one user's: the smallest ledger serves.
+            match cells.first() {
+                Some(cell) => measure_lots(&cell.ledger, backend, lot_levels, pairs, section).await,
+                None => Ok(()),
+            }
+        }
         Err(e) => Err(e),
     };
-    let lots = match (&result, cells.first()) {
-        (Ok(()), Some(cell)) => {
-            measure_lots(&cell.ledger, backend, lot_levels, pairs, section).await
-        }
-        _ => Ok(()),
-    };
     for cell in cells {
-        cell.db.close().await;
+        cell.ledger.db().close().await;
         cell.bench_db.drop_database().await;
     }
-    result.and(lots)
+    result
 }
 
 /// A ledger per user level, each with the catalog, the template user and its copies.
@@ -130,13 +165,10 @@ async fn grow_all(
         let ledger = Ledger::new(db.clone(), LedgerConfig::default());
         cells.push(Cell {
             bench_db,
-            db: db.clone(),
             ledger: ledger.clone(),
             size: level,
             grow_seconds: 0.0,
-            authorize_us: Vec::new(),
-            settle_us: Vec::new(),
-            round_pair_p50_us: Vec::new(),
+            samples: Samples::default(),
         });
         seed::seed_catalog(&ledger).await?;
         // The template: one grant and one settled call, like any active user.
@@ -164,43 +196,30 @@ async fn measure_users(
     pairs: usize,
     cells: &mut [Cell],
     section: &mut GrowthSection,
-) -> Result<()> {
+) {
     for round in 0..ROUNDS {
         for cell in cells.iter_mut() {
             let level = cell.size;
             let label = format!("u{level}r{round}");
-            let (authorize_us, settle_us) = measure(&cell.ledger, pairs / ROUNDS, &label, |n| {
+            let measured = measure(&cell.ledger, pairs / ROUNDS, &label, |n| {
                 // A pseudo-random spread over every user, so lookups miss caches as
                 // they would; each round starts elsewhere in the spread.
                 let n = (n + round * pairs) as u64;
                 format!("grow-{}", n.wrapping_mul(2_654_435_761) % level)
             })
             .await;
-            let mut pair_us: Vec<u64> = (authorize_us.iter().zip(&settle_us))
-                .map(|(a, s)| a + s)
-                .collect();
-            pair_us.sort_unstable();
-            cell.round_pair_p50_us.push(quantile(&pair_us, 0.5));
-            cell.authorize_us.extend(authorize_us);
-            cell.settle_us.extend(settle_us);
+            cell.samples.add_round(measured);
         }
     }
     for cell in cells.iter_mut() {
-        let mut point = point_of(
-            backend,
-            cell.size,
-            std::mem::take(&mut cell.authorize_us),
-            std::mem::take(&mut cell.settle_us),
-        );
+        let mut point = std::mem::take(&mut cell.samples).into_point(backend, cell.size);
         point.grow_seconds = cell.grow_seconds;
-        point.round_pair_p50_us = cell.round_pair_p50_us.clone();
         eprintln!(
             "bench:   {} users: authorize p50 {} us, settle p50 {} us (pair p50 per round {:?})",
             cell.size, point.authorize_p50_us, point.settle_p50_us, point.round_pair_p50_us
         );
         section.users.push(point);
     }
-    Ok(())
 }
 
 /// Rounds over one user with 1, 100 and 1000 live lots (users of one ledger).
@@ -214,22 +233,16 @@ async fn measure_lots(
     for &lots in lot_levels {
         grant_lots(ledger, &format!("lots-{lots}"), lots).await?;
     }
-    let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); lot_levels.len()];
+    let mut samples: Vec<Samples> = lot_levels.iter().map(|_| Samples::default()).collect();
     for round in 0..ROUNDS {
-        for (&lots, (authorize, settle, rounds)) in lot_levels.iter().zip(samples.iter_mut()) {
+        for (&lots, samples) in lot_levels.iter().zip(samples.iter_mut()) {
             let user = format!("lots-{lots}");
             let label = format!("l{lots}r{round}");
-            let (a, s) = measure(ledger, pairs / ROUNDS, &label, |_| user.clone()).await;
-            let mut pair_us: Vec<u64> = a.iter().zip(&s).map(|(a, s)| a + s).collect();
-            pair_us.sort_unstable();
-            rounds.push(quantile(&pair_us, 0.5));
-            authorize.extend(a);
-            settle.extend(s);
+            samples.add_round(measure(ledger, pairs / ROUNDS, &label, |_| user.clone()).await);
         }
     }
-    for (&lots, (authorize, settle, rounds)) in lot_levels.iter().zip(samples) {
-        let mut point = point_of(backend, lots, authorize, settle);
-        point.round_pair_p50_us = rounds;
+    for (&lots, samples) in lot_levels.iter().zip(samples) {
+        let point = samples.into_point(backend, lots);
         eprintln!(
             "bench:   {lots} lots: authorize p50 {} us, settle p50 {} us",
             point.authorize_p50_us, point.settle_p50_us
@@ -296,27 +309,6 @@ async fn measure(
         }
     }
     (authorize_us, settle_us)
-}
-
-fn point_of(
-    backend: Backend,
-    size: u64,
-    mut authorize_us: Vec<u64>,
-    mut settle_us: Vec<u64>,
-) -> LatencyPoint {
-    authorize_us.sort_unstable();
-    settle_us.sort_unstable();
-    LatencyPoint {
-        backend: backend.label(),
-        size,
-        pairs: settle_us.len() as u64,
-        authorize_p50_us: quantile(&authorize_us, 0.5),
-        authorize_p99_us: quantile(&authorize_us, 0.99),
-        settle_p50_us: quantile(&settle_us, 0.5),
-        settle_p99_us: quantile(&settle_us, 0.99),
-        grow_seconds: 0.0,
-        round_pair_p50_us: Vec::new(),
-    }
 }
 
 /// Columns copied per table, and the expression replacing each per-user column.

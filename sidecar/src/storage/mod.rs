@@ -649,8 +649,7 @@ pub struct Batch {
     /// every group and are large once prepared: they are prepared for one use and not kept
     /// in the connection's statement cache. Small ones repeat (see [`CACHED_MERGE_ROWS`]).
     one_off: bool,
-    /// Set by [`Batch::mergeable`]: merged before it runs on a driver where every
-    /// statement costs a hand-off.
+    /// Set by [`Batch::mergeable`]: may be merged before it runs.
     merge: bool,
 }
 
@@ -733,19 +732,9 @@ impl Batch {
         self.statements.extend(other.statements);
     }
 
-    /// The same writes in far fewer statements (SQLite): statements of the same text become
-    /// one, an INSERT with a VALUES row each, an UPDATE joined to a VALUES list
-    /// (`UPDATE .. FROM`, SQLite 3.33+). Every statement is a round trip's worth of work in
-    /// sqlx's SQLite driver, so a group's writes cost a handful of statements, not several
-    /// per call.
-    ///
-    /// Only for writes that read none of each other's rows (a group's settlements that share
-    /// no account, see `ledger::prefetch`): statements of different texts may run in another
-    /// order. UPDATEs of one text naming the same row twice are not merged (UPDATE .. FROM
-    /// would apply one of them), and keep their order.
-    /// Marks the batch to be [merged](Batch::merged) when it runs, if the connection's
-    /// driver pays per statement (not SQLite's direct writer, which runs each statement
-    /// from its cache). Statements pushed afterwards (a COMMIT) keep their place at the end.
+    /// Marks the batch to be [merged](Batch::merged) when it runs, where merging pays (see
+    /// [`Batch::merges_before_running`]). Statements pushed afterwards (a COMMIT) keep their
+    /// place at the end.
     pub fn mergeable(mut self) -> Batch {
         self.merge = true;
         self
@@ -755,8 +744,8 @@ impl Batch {
     /// direct writer a statement costs no hand-off, only its run, so merging pays only
     /// while the merged texts repeat and stay cached: a large merged text is parsed anew
     /// nearly every time and costs more than its statements run one by one from the cache
-    /// (settlement batches of 100 calls, four interleaved pairs: 16,200 -> 21,500 per s),
-    /// while groups of 8 hot-user authorizations ran ~10% slower unmerged.
+    /// (settlement batches of 100 calls, two interleaved pairs: 16,837 / 15,083 -> 19,946 /
+    /// 19,839 per s), while groups of 8 hot-user authorizations ran ~10% slower unmerged.
     fn merges_before_running(&self, direct: bool) -> bool {
         self.merge && (!direct || self.most_rows_of_one_text() <= CACHED_MERGE_ROWS)
     }
@@ -770,6 +759,16 @@ impl Batch {
         counts.into_values().max().unwrap_or(0)
     }
 
+    /// The same writes in far fewer statements (SQLite): statements of the same text become
+    /// one, an INSERT with a VALUES row each, an UPDATE joined to a VALUES list
+    /// (`UPDATE .. FROM`, SQLite 3.33+). Every statement is a round trip's worth of work in
+    /// sqlx's SQLite driver, so a group's writes cost a handful of statements, not several
+    /// per call.
+    ///
+    /// Only for writes that read none of each other's rows (a group's settlements that share
+    /// no account, see `ledger::prefetch`): statements of different texts may run in another
+    /// order. UPDATEs of one text naming the same row twice are not merged (UPDATE .. FROM
+    /// would apply one of them), and keep their order.
     pub fn merged(self) -> Batch {
         let mut shapes: Vec<(String, Vec<Vec<Value>>)> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
