@@ -19,7 +19,10 @@ use serde::Serialize;
 use crate::databases::{Backend, BenchDb};
 use crate::envoy::{Envoy, Variant, SHARED_SECRET, USER_HEADER};
 use crate::openloop::{self, OpenLoop, OpenLoopPlan, OpenLoopSamples};
-use crate::procs::{cpu_seconds, free_port, http_post, repo_root, rss_bytes, scratch_dir, Proc};
+use crate::procs::{
+    cpu_seconds, free_port, http_post, machine_busy_seconds, repo_root, rss_bytes, scratch_dir,
+    Proc,
+};
 use crate::seed;
 use crate::stats::median;
 use crate::stream::chat_request_body;
@@ -56,6 +59,11 @@ pub struct ShapeFigures {
     /// CPU time per request of each process (µs) over all closed-loop rounds.
     pub envoy_cpu_us: f64,
     pub sidecar_cpu_us: Option<f64>,
+    /// CPU time per request of the whole machine (µs): these two, the load generator, the
+    /// upstream, the database and the kernel's network work.
+    pub machine_cpu_us: f64,
+    /// Cores the machine kept busy on average during the closed loops.
+    pub machine_busy_cores: f64,
     /// Pooled open-loop figures at the common rate.
     pub open: Option<OpenLoop>,
 }
@@ -130,6 +138,8 @@ struct Stand {
 struct CpuTally {
     envoy_seconds: f64,
     sidecar_seconds: f64,
+    machine_seconds: f64,
+    wall_seconds: f64,
     requests: u64,
 }
 
@@ -265,8 +275,12 @@ async fn measure(plan: &ProxyPlan, stands: &mut [Stand]) -> Result<(f64, f64)> {
                 let envoy_before = cpu_seconds(stand.envoy.proc.pid()).unwrap_or(0.0);
                 let sidecar_pid = stand.sidecar.as_ref().map(|s| s.proc.pid());
                 let sidecar_before = sidecar_pid.and_then(cpu_seconds).unwrap_or(0.0);
+                let machine_before = machine_busy_seconds().unwrap_or(0.0);
+                let started = std::time::Instant::now();
                 let closed = closed_loop(plan, stand, stream, plan.closed_seconds)?;
                 let tally = &mut stand.cpu[shape];
+                tally.wall_seconds += started.elapsed().as_secs_f64();
+                tally.machine_seconds += machine_busy_seconds().unwrap_or(0.0) - machine_before;
                 tally.envoy_seconds +=
                     cpu_seconds(stand.envoy.proc.pid()).unwrap_or(0.0) - envoy_before;
                 tally.sidecar_seconds +=
@@ -393,6 +407,8 @@ fn summarize(stand: &Stand) -> StandRun {
                 .sidecar
                 .as_ref()
                 .map(|_| per_request(cpu.sidecar_seconds)),
+            machine_cpu_us: per_request(cpu.machine_seconds),
+            machine_busy_cores: cpu.machine_seconds / cpu.wall_seconds.max(1e-9),
             open: (!stand.open[i].is_empty()).then(|| openloop::summarize(&stand.open[i])),
         }
     };

@@ -954,6 +954,7 @@ fn render_cpu_budget(out: &mut String, proxy: &ProxySection) {
         return;
     };
     let target_rate = plain.shape(false).median_rps() * 0.5;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     for run in proxy
         .runs
         .iter()
@@ -962,16 +963,23 @@ fn render_cpu_budget(out: &mut String, proxy: &ProxySection) {
         let figures = run.shape(false);
         let envoy_cores = figures.envoy_cpu_us * target_rate / 1e6;
         let sidecar_cores = figures.sidecar_cpu_us.unwrap_or(0.0) * target_rate / 1e6;
+        let machine_cores = figures.machine_cpu_us * target_rate / 1e6;
         let _ = writeln!(
             out,
             "- CPU budget of the non-streamed target for {}{}: at 0.5x plain Envoy ({target_rate:.0} req/s) \
              Envoy's single worker would need {envoy_cores:.2} of a core ({:.0} µs/req) and the sidecar \
              {sidecar_cores:.2} of a core beside the load generator and the upstream; the worker's \
-             budget is {:.0} µs/req.",
+             budget is {:.0} µs/req. The whole machine (every process and the kernel) spent {:.0} µs \
+             of CPU per served request ({:.2} of {cpus} cores busy during the closed loops; plain \
+             Envoy {:.0} µs, {:.2} cores busy), so 0.5x would need {machine_cores:.2} cores.",
             run.label,
             run.backend.map_or(String::new(), |b| format!(" ({b})")),
             figures.envoy_cpu_us,
             1e6 / target_rate.max(1.0),
+            figures.machine_cpu_us,
+            figures.machine_busy_cores,
+            plain.shape(false).machine_cpu_us,
+            plain.shape(false).machine_busy_cores,
         );
     }
     out.push('\n');
