@@ -190,6 +190,41 @@ impl Ledger {
         .await
     }
 
+    /// PostgreSQL: a plain authorization alone in its group. Its common case is one
+    /// statement, atomic on its own, so it runs outside a transaction: one round trip instead
+    /// of BEGIN, the statement and COMMIT. None when that did not reserve, which writes
+    /// nothing (no account, not enough quota, a lot event due, a retry whose hold exists, a
+    /// failed connection); the group then runs the general path in a transaction, which
+    /// answers those cases.
+    pub(super) async fn reserve_alone(
+        &self,
+        req: &AuthorizeRequest,
+        admission: &Admission,
+    ) -> Option<AuthorizeResponse> {
+        let db = self.db();
+        if db.dialect() != Dialect::Postgres || admission.lease.is_some() {
+            return None;
+        }
+        let now = self.now();
+        let fast = FastReserve {
+            req,
+            admission,
+            now,
+            expires_at: now.saturating_add(self.hold_ttl_ms()),
+        };
+        let mut conn = Conn::from(db.pool().acquire().await.ok()?);
+        match fast.in_one_statement(db, &mut conn).await {
+            Ok(true) => Some(allow(
+                req,
+                &admission.user_id,
+                &admission.model.quota_type,
+                admission.hold,
+                admission.model.price.is_some(),
+            )),
+            Ok(false) | Err(_) => None,
+        }
+    }
+
     /// Reserves inside the caller's write transaction. A retry of an authorization
     /// already held fails with the unique violation of its hold row; the group writer
     /// then undoes this operation's writes and answers it with

@@ -459,7 +459,20 @@ fn lock_key(submission: &[Pending]) -> &str {
     submission.first().map_or("", |p| p.op.lock_key())
 }
 
-async fn run_group(ledger: &Ledger, group: Vec<Pending>) {
+async fn run_group(ledger: &Ledger, mut group: Vec<Pending>) {
+    if let [Pending {
+        op: Op::Reserve { req, admission },
+        ..
+    }] = group.as_slice()
+    {
+        if let Some(answer) = ledger.reserve_alone(req, admission).await {
+            if let Some(lone) = group.pop() {
+                // The caller may have gone away; its reservation stands (idempotent).
+                let _ = lone.reply.send(Ok(Done::Authorized(answer)));
+            }
+            return;
+        }
+    }
     let (ops, replies): (Vec<Op>, Vec<Reply>) = group.into_iter().map(|p| (p.op, p.reply)).unzip();
     let results = match attempt(ledger, &ops, false).await {
         Ok(results) => results,

@@ -1809,6 +1809,19 @@ async fn a_hot_users_burst_shares_transactions_on_every_backend() {
         l.grant(&grant_req("cold", 1_000_000, "seed-cold"))
             .await
             .unwrap();
+        // The hot account stays locked (on SQLite: the writer taken) until the whole burst
+        // is queued. Unblocked, a writer could apply each call as it arrives, since a
+        // group takes only what is queued when it starts.
+        let mut blocker = t.db.begin_write().await.unwrap();
+        let lock = format!(
+            "SELECT balance FROM ledger_accounts WHERE user_id = ?{}",
+            t.db.dialect().for_update()
+        );
+        sqlx::query(&t.db.sql(&lock))
+            .bind("hot")
+            .fetch_all(blocker.conn())
+            .await
+            .unwrap();
         let before = l.group_commits();
         let barrier = Arc::new(tokio::sync::Barrier::new(CALLS + 4));
         let mut tasks = Vec::new();
@@ -1820,6 +1833,8 @@ async fn a_hot_users_burst_shares_transactions_on_every_backend() {
                 l.authorize(&auth(&format!("burst-{i}"), user, 5, 5)).await
             }));
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        blocker.rollback().await.unwrap();
         for task in tasks {
             let answer = task.await.unwrap().unwrap();
             assert_eq!(answer.decision, Decision::Allow, "{:?}", t.backend);
@@ -1840,4 +1855,58 @@ async fn a_hot_users_burst_shares_transactions_on_every_backend() {
         assert_clean(&l).await;
         t.cleanup().await;
     }
+}
+
+/// PostgreSQL: a lone plain authorization reserves outside a transaction when its one
+/// statement applies, and writes nothing when it does not (a retry, not enough quota), so
+/// the general path still answers those exactly.
+#[tokio::test]
+async fn a_lone_authorization_reserves_in_one_statement_on_postgres() {
+    use crate::storage::testing::{fresh, selected_backends};
+    if !selected_backends().contains(&crate::storage::Dialect::Postgres) {
+        return;
+    }
+    let t = fresh(crate::storage::Dialect::Postgres).await;
+    seed_catalog(&t.db).await;
+    let f = fixture(&t).await;
+    let l = &f.ledger;
+    l.grant(&grant_req("u1", 1_000, "g1")).await.unwrap();
+    let held = |user: &'static str| async move {
+        let balance = l.balance(user, "text_token").await.unwrap().unwrap();
+        (balance.held, balance.available)
+    };
+    let admitted = |req: AuthorizeRequest| async move {
+        let admission = l.admit(&req, None).await.unwrap().unwrap();
+        (req, admission)
+    };
+
+    let (req, admission) = admitted(auth("a1", "u1", 100, 100)).await;
+    let answer = l.reserve_alone(&req, &admission).await.expect("reserved");
+    assert_eq!((answer.decision, answer.held), (Decision::Allow, 200));
+    assert_eq!(held("u1").await, (200, 800));
+
+    // A retry: the hold exists, the statement fails whole, nothing changes; the general
+    // path replays the first answer.
+    assert!(l.reserve_alone(&req, &admission).await.is_none());
+    assert_eq!(held("u1").await, (200, 800));
+    let replayed = l.authorize(&req).await.unwrap();
+    assert_eq!((replayed.decision, replayed.held), (Decision::Allow, 200));
+    assert_eq!(held("u1").await, (200, 800));
+
+    // Not enough quota: nothing is written, and the general path denies.
+    let (big, admission) = admitted(auth("a2", "u1", 700, 200)).await;
+    assert!(l.reserve_alone(&big, &admission).await.is_none());
+    let denied = l.authorize(&big).await.unwrap();
+    assert_eq!(denied.decision, Decision::Deny);
+    assert_eq!(held("u1").await, (200, 800));
+
+    // A user without an account: the general path answers.
+    let (none, admission) = admitted(auth("a3", "nobody", 1, 1)).await;
+    assert!(l.reserve_alone(&none, &admission).await.is_none());
+    assert_eq!(l.authorize(&none).await.unwrap().decision, Decision::Deny);
+
+    l.settle(&settle_req("a1", "u1", 100, 50)).await.unwrap();
+    assert_eq!(held("u1").await, (0, 850));
+    assert_clean(l).await;
+    t.cleanup().await;
 }
