@@ -248,3 +248,23 @@ pub fn fsync_probe_us(dir: &Path) -> Option<u64> {
     samples.sort_unstable();
     Some(samples[samples.len() / 2])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_machine_accumulates_busy_time_while_this_process_spins() {
+        let before = machine_busy_seconds().expect("/proc/stat readable");
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        // Ticks are 10 ms: spin for several of them.
+        while started.elapsed() < std::time::Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = machine_busy_seconds().expect("/proc/stat readable");
+        assert!(after - before >= 0.1, "{before} -> {after}");
+        let own = cpu_seconds(std::process::id()).expect("own /proc stat");
+        assert!(own > 0.0);
+    }
+}
