@@ -193,8 +193,8 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / clock_ticks_per_second())
 }
 
-/// CPU time the whole machine spent busy (every process and the kernel: user, nice,
-/// system, interrupts, steal) and the CPUs it has, from /proc/stat.
+/// CPU time the whole machine has spent busy (every process and the kernel: user, nice,
+/// system, interrupts, steal), summed over its CPUs, from /proc/stat.
 pub fn machine_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;

@@ -28,6 +28,20 @@ pub(super) struct Admission {
     pub lease: Option<LeaseTerms>,
 }
 
+impl Admission {
+    /// The answer to `req` once its hold is reserved.
+    fn held_answer(&self, req: &AuthorizeRequest) -> AuthorizeResponse {
+        let quota_type = &self.model.quota_type;
+        allow(
+            req,
+            &self.user_id,
+            quota_type,
+            self.hold,
+            self.model.price.is_some(),
+        )
+    }
+}
+
 impl Ledger {
     /// Reserves the call's estimated units, or denies it. Idempotent by `request_id`.
     pub async fn authorize(
@@ -205,22 +219,10 @@ impl Ledger {
         if db.dialect() != Dialect::Postgres || admission.lease.is_some() {
             return None;
         }
-        let now = self.now();
-        let fast = FastReserve {
-            req,
-            admission,
-            now,
-            expires_at: now.saturating_add(self.hold_ttl_ms()),
-        };
+        let fast = FastReserve::new(self, req, admission);
         let mut conn = Conn::from(db.pool().acquire().await.ok()?);
         match fast.in_one_statement(db, &mut conn).await {
-            Ok(true) => Some(allow(
-                req,
-                &admission.user_id,
-                &admission.model.quota_type,
-                admission.hold,
-                admission.model.price.is_some(),
-            )),
+            Ok(true) => Some(admission.held_answer(req)),
             Ok(false) | Err(_) => None,
         }
     }
@@ -240,26 +242,12 @@ impl Ledger {
             return self.reserve_lease_on(conn, req, admission, terms).await;
         }
         let db = self.db();
-        let now = self.now();
+        let fast = FastReserve::new(self, req, admission);
+        let now = fast.now;
         let user_id = admission.user_id.as_str();
         let quota_type = admission.model.quota_type.as_str();
         let hold = admission.hold as i64;
-        let price_version = admission.model.price.as_ref().map(|p| p.id);
-        let allowed = || {
-            allow(
-                req,
-                user_id,
-                quota_type,
-                admission.hold,
-                price_version.is_some(),
-            )
-        };
-        let fast = FastReserve {
-            req,
-            admission,
-            now,
-            expires_at: now.saturating_add(self.hold_ttl_ms()),
-        };
+        let allowed = || admission.held_answer(req);
         // Reserved by the group's merged update (see `reserve_ahead.rs`).
         if reads.take_reserved(&req.request_id) {
             return Ok(allowed());
@@ -462,7 +450,17 @@ const GUARDED_RESERVE: &str = "UPDATE ledger_accounts SET held = held + ?, updat
      WHERE user_id = ? AND quota_type = ? AND balance - held >= ? \
      AND (next_event_at IS NULL OR next_event_at > ?)";
 
-impl FastReserve<'_> {
+impl<'a> FastReserve<'a> {
+    fn new(ledger: &Ledger, req: &'a AuthorizeRequest, admission: &'a Admission) -> Self {
+        let now = ledger.now();
+        FastReserve {
+            req,
+            admission,
+            now,
+            expires_at: now.saturating_add(ledger.hold_ttl_ms()),
+        }
+    }
+
     fn reserve_values(&self) -> Vec<Value> {
         let hold = self.admission.hold as i64;
         vec![
