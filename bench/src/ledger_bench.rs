@@ -14,6 +14,8 @@ use llm_meter_sidecar::storage::DbOptions;
 use serde::Serialize;
 
 use crate::databases::{Backend, BenchDb};
+use crate::floor::{self, FloorCell};
+use crate::procs::{machine_busy_seconds, processes_cpu_seconds};
 use crate::seed::{self, authorize_request, settle_request, units_per_call};
 use crate::stats::quantile;
 
@@ -41,6 +43,14 @@ pub struct LedgerCell {
     pub settle_p99_us: u64,
     /// Operations per group transaction during the cell (see the sidecar's `ledger::group`).
     pub ops_per_group: f64,
+    /// The ledger's group-commit writers, and how many of them were applying a group on
+    /// average during the cell: at the count, the writers are the bound.
+    pub writers: usize,
+    pub writers_busy: f64,
+    /// Cores the whole machine kept busy during the cell, and of those the database
+    /// server's processes (None for SQLite, which runs in this process).
+    pub machine_cores: f64,
+    pub server_cores: Option<f64>,
     /// Each round's pairs/s, in order (`pairs_per_s` is their median).
     pub rounds_pairs_per_s: Vec<f64>,
 }
@@ -79,6 +89,8 @@ pub struct LedgerSection {
     pub overdraw: Vec<OverdrawCheck>,
     /// Settlement batches as the filter's outbox sends them.
     pub batches: Vec<BatchCell>,
+    /// PostgreSQL's floor for the pair's round trips and commits (see `floor.rs`).
+    pub floor: Vec<FloorCell>,
     pub failures: Vec<String>,
 }
 
@@ -120,6 +132,7 @@ pub async fn run(
         sqlite_batch_profile: None,
         overdraw: Vec::new(),
         batches: Vec::new(),
+        floor: Vec::new(),
         failures: Vec::new(),
     };
     for &backend in backends {
@@ -147,7 +160,12 @@ async fn run_backend(
         seed::seed_catalog(&ledger).await?;
         seed::grant_users(&ledger, SPREAD_USERS, 1_000_000_000_000).await?;
         seed::grant(&ledger, "bench-hot-user", 1_000_000_000_000, "bench-hot").await?;
+        let with_floor = backend == Backend::Postgres;
+        if with_floor {
+            floor::create_tables(ledger.db().pool()).await?;
+        }
         let mut rounds: Vec<Vec<LedgerCell>> = Vec::new();
+        let mut floor_rounds: Vec<Vec<FloorCell>> = Vec::new();
         for round in 0..plan.rounds.max(1) {
             let mut cells = Vec::new();
             for (index, &concurrency) in concurrencies.iter().enumerate() {
@@ -175,8 +193,25 @@ async fn run_backend(
                 }
             }
             rounds.push(cells);
+            // After the ledger's cells: its rows and their vacuuming come after theirs.
+            if with_floor {
+                let mut cells = Vec::new();
+                for &concurrency in concurrencies.iter().filter(|&&c| c <= 16) {
+                    let label = format!("r{round}c{concurrency}");
+                    let pool = ledger.db().pool();
+                    let cell = floor::run_cell(pool, concurrency, seconds, &label).await;
+                    eprintln!(
+                        "bench:   round {} c={concurrency:<3} floor: {:.0} pairs/s",
+                        round + 1,
+                        cell.pairs_per_s
+                    );
+                    cells.push(cell);
+                }
+                floor_rounds.push(cells);
+            }
         }
         section.cells.extend(median_cells(rounds));
+        section.floor.extend(floor::median_cells(floor_rounds));
         // One longer run: a batch cell holds few batches per second.
         let batch_seconds = seconds * plan.rounds.max(1) as f64;
         let recording = crate::profile::start_own(dir, "batches", backend == Backend::Sqlite);
@@ -270,6 +305,9 @@ async fn run_cell(
 ) -> LedgerCell {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let commits_before = ledger.group_commits();
+    let server = server_processes(backend);
+    let server_before = processes_cpu_seconds(server);
+    let machine_before = machine_busy_seconds().unwrap_or(0.0);
     let mut tasks = Vec::new();
     for task in 0..concurrency {
         let ledger = ledger.clone();
@@ -335,6 +373,10 @@ async fn run_cell(
     }
     // Every task stops at the deadline; the elapsed time includes the last pairs in flight.
     let elapsed = seconds.max(started.elapsed().as_secs_f64());
+    let commits = ledger.group_commits();
+    let machine_cores = (machine_busy_seconds().unwrap_or(0.0) - machine_before) / elapsed;
+    let server_cores = (!server.is_empty())
+        .then(|| (processes_cpu_seconds(server) - server_before).max(0.0) / elapsed);
     authorize_us.sort_unstable();
     settle_us.sort_unstable();
     let pairs = settle_us.len() as u64;
@@ -350,8 +392,21 @@ async fn run_cell(
         authorize_p99_us: quantile(&authorize_us, 0.99),
         settle_p50_us: quantile(&settle_us, 0.5),
         settle_p99_us: quantile(&settle_us, 0.99),
-        ops_per_group: ledger.group_commits().mean_size_since(commits_before),
+        ops_per_group: commits.mean_size_since(commits_before),
+        writers: ledger.writer_count(),
+        writers_busy: commits.writers_busy_since(commits_before, Duration::from_secs_f64(elapsed)),
+        machine_cores,
+        server_cores,
         rounds_pairs_per_s: Vec::new(),
+    }
+}
+
+/// Command names of the database server's processes (none for SQLite, in this process).
+fn server_processes(backend: Backend) -> &'static [&'static str] {
+    match backend {
+        Backend::Sqlite => &[],
+        Backend::Postgres => &["postgres"],
+        Backend::MariaDb => &["mariadbd", "mysqld"],
     }
 }
 
@@ -383,6 +438,12 @@ fn median_cells(rounds: Vec<Vec<LedgerCell>>) -> Vec<LedgerCell> {
                 settle_p50_us: mid(|c| c.settle_p50_us as f64) as u64,
                 settle_p99_us: mid(|c| c.settle_p99_us as f64) as u64,
                 ops_per_group: mid(|c| c.ops_per_group),
+                writers: base.writers,
+                writers_busy: mid(|c| c.writers_busy),
+                machine_cores: mid(|c| c.machine_cores),
+                server_cores: base
+                    .server_cores
+                    .map(|_| mid(|c| c.server_cores.unwrap_or(0.0))),
                 rounds_pairs_per_s: cells.iter().map(|c| c.pairs_per_s).collect(),
             }
         })
@@ -474,6 +535,10 @@ mod tests {
             settle_p50_us: 200,
             settle_p99_us: p99,
             ops_per_group: pairs_per_s / 100.0,
+            writers: 4,
+            writers_busy: pairs_per_s / 1000.0,
+            machine_cores: pairs_per_s / 2000.0,
+            server_cores: Some(pairs_per_s / 4000.0),
             rounds_pairs_per_s: Vec::new(),
         }
     }
@@ -494,6 +559,8 @@ mod tests {
         let c16 = &cells[1];
         assert_eq!((c16.pairs_per_s, c16.settle_p99_us), (3000.0, 800));
         assert_eq!(c16.ops_per_group, 30.0);
+        assert_eq!((c16.writers, c16.writers_busy), (4, 3.0));
+        assert_eq!((c16.machine_cores, c16.server_cores), (1.5, Some(0.75)));
         assert!(median_cells(Vec::new()).is_empty());
     }
 }

@@ -11,7 +11,8 @@
 //! Native only (the `llm-meter-bench` orchestrator):
 //! - `procs`, `envoy`, `upstream`: Envoy variants, the sidecar and a fast upstream on loopback.
 //! - `wrk` (closed loop) and `openloop` (fixed rate) load generators; `proxy` runs them.
-//! - `databases`, `seed`, `ledger_bench`, `growth`: the ledger sections.
+//! - `databases`, `seed`, `ledger_bench`, `growth`: the ledger sections; `floor`: the same
+//!   round trips and commits as a PostgreSQL ledger pair, with one-row statements.
 //! - `report`: BENCHMARKS.md.
 
 pub mod alloc;
@@ -23,6 +24,8 @@ pub mod stream;
 pub mod databases;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod envoy;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod floor;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod growth;
 #[cfg(not(target_arch = "wasm32"))]

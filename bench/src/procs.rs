@@ -193,6 +193,22 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / clock_ticks_per_second())
 }
 
+/// CPU time (seconds) used so far by every live process whose command name is one of
+/// `names` (a database server's backends, say); processes that ended are not counted.
+pub fn processes_cpu_seconds(names: &[&str]) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| names.contains(&comm.trim_end()))
+        })
+        .filter_map(cpu_seconds)
+        .sum()
+}
+
 /// CPU time the whole machine has spent busy (every process and the kernel: user, nice,
 /// system, interrupts, steal), summed over its CPUs, from /proc/stat.
 pub fn machine_busy_seconds() -> Option<f64> {
@@ -266,5 +282,17 @@ mod tests {
         assert!(after - before >= 0.1, "{before} -> {after}");
         let own = cpu_seconds(std::process::id()).expect("own /proc stat");
         assert!(own > 0.0);
+    }
+
+    #[test]
+    fn processes_are_found_by_command_name() {
+        let comm = std::fs::read_to_string("/proc/self/comm").expect("own comm");
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(processes_cpu_seconds(&[comm.trim_end()]) > 0.0);
+        assert_eq!(processes_cpu_seconds(&["no-such-command-here"]), 0.0);
     }
 }

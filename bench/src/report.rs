@@ -681,6 +681,7 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
         }
         out.push('\n');
     }
+    render_ledger_bounds(out, ledger);
     if let Some(profile) = &ledger.sqlite_profile {
         let _ = writeln!(
             out,
@@ -994,6 +995,82 @@ fn render_method(out: &mut String) {
          `target/bench/results.json`. PostgreSQL and MariaDB are the ones of `make test` (127.0.0.1:5432 and :3306); \
          every run creates its own databases and drops them. Sources: `bench/`."
     );
+}
+
+/// What bounds each many-users cell: the writers' occupancy, the machine's cores and the
+/// database server's share; then PostgreSQL's floor (see `floor.rs`) beside the ledger.
+fn render_ledger_bounds(out: &mut String, ledger: &LedgerSection) {
+    let many: Vec<&LedgerCell> = ledger
+        .cells
+        .iter()
+        .filter(|c| c.spread == Spread::ManyUsers)
+        .collect();
+    if many.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "What bounds the many-users cells: writers busy is how many of the ledger's group-commit writers \
+         were applying a group, on average (at their count the writers are the bound, whatever their \
+         transactions wait for); machine is the cores the whole machine kept busy (of 2), server those of \
+         the database server's processes (SQLite runs in this process).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| backend | concurrency | pairs/s | writers busy | machine cores | server cores |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for c in &many {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.2} of {} | {:.2} | {} |",
+            c.backend,
+            c.concurrency,
+            c.pairs_per_s,
+            c.writers_busy,
+            c.writers,
+            c.machine_cores,
+            c.server_cores.map_or("-".into(), |s| format!("{s:.2}")),
+        );
+    }
+    out.push('\n');
+    if ledger.floor.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "PostgreSQL floor: the ledger pair's round trips and commits (an autocommit guarded `UPDATE .. \
+         RETURNING`; then BEGIN, a locking read, one statement with the writes, COMMIT) with one-row \
+         statements on two small tables, through the same pool and driver, in the same rounds \
+         (`bench/src/floor.rs`). What the ledger does beyond that (holds, lots, journal, usage record, \
+         daily costs, and its writers' grouping) is the difference.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| concurrency | floor pairs/s | ledger pairs/s (many users) | ledger / floor | machine cores, floor / ledger | server CPU per pair, floor / ledger |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for f in &ledger.floor {
+        let cell = ledger_cell(ledger, f.backend, f.concurrency, Spread::ManyUsers);
+        let per_pair = |cores: f64, rate: f64| format!("{:.0}", cores * 1e6 / rate.max(1e-9));
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {} | {} | {:.2} / {} | {} / {} µs |",
+            f.concurrency,
+            f.pairs_per_s,
+            cell.map_or("-".into(), |c| format!("{:.0}", c.pairs_per_s)),
+            cell.map_or("-".into(), |c| format!(
+                "{:.2}",
+                c.pairs_per_s / f.pairs_per_s.max(1e-9)
+            )),
+            f.machine_cores,
+            cell.map_or("-".into(), |c| format!("{:.2}", c.machine_cores)),
+            per_pair(f.server_cores, f.pairs_per_s),
+            cell.and_then(|c| Some(per_pair(c.server_cores?, c.pairs_per_s)))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    out.push('\n');
 }
 
 /// A cell's operations per group transaction, one decimal.

@@ -171,6 +171,15 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
+        // Its rate is the number of writers busy: at the writer count they are the bound.
+        let name = "meter_ledger_writer_busy_seconds_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time the ledger writers spent applying groups, summed over writers.\n\
+             # TYPE {name} counter\n{name} {}.{:06}",
+            commits.busy_micros / 1_000_000,
+            commits.busy_micros % 1_000_000
+        );
     }
 
     fn render_latency(&self, out: &mut String) {

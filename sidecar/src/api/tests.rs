@@ -1075,6 +1075,12 @@ async fn leases_over_the_internal_api() {
             counter("meter_ledger_group_operations_total") >= groups,
             "{text}"
         );
+        let busy_seconds: f64 = text
+            .lines()
+            .find_map(|line| line.strip_prefix("meter_ledger_writer_busy_seconds_total "))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no writer busy time in {text}"));
+        assert!(busy_seconds > 0.0, "{text}");
         // Nothing contended here: no attempt was tried again.
         assert_eq!(counter("meter_ledger_transient_retries_total"), 0, "{text}");
         assert!(

@@ -68,6 +68,7 @@ struct Pending {
 /// The queues in front of this process's writer tasks.
 pub(super) struct GroupCommit {
     queues: Queues,
+    writers: usize,
 }
 
 enum Queues {
@@ -253,6 +254,7 @@ impl GroupCommit {
             }
             return GroupCommit {
                 queues: Queues::ByUser { queues, routes },
+                writers: writers as usize,
             };
         }
         let (queue, receiver) = mpsc::unbounded_channel();
@@ -262,6 +264,7 @@ impl GroupCommit {
         }
         GroupCommit {
             queues: Queues::Shared(queue),
+            writers: writers as usize,
         }
     }
 
@@ -290,6 +293,11 @@ impl GroupCommit {
 }
 
 impl GroupCommit {
+    /// How many writer tasks apply groups.
+    pub(super) fn writers(&self) -> usize {
+        self.writers
+    }
+
     fn queue_for(&self, submission: &[Pending]) -> &mpsc::UnboundedSender<Vec<Pending>> {
         match &self.queues {
             Queues::Shared(queue) => queue,
@@ -435,8 +443,10 @@ async fn apply(inner: &Weak<Inner>, submissions: Vec<Vec<Pending>>) -> bool {
         return false;
     };
     let ledger = Ledger { inner };
-    ledger.count_group(group.len());
+    let operations = group.len();
+    let started = std::time::Instant::now();
     run_group(&ledger, group).await;
+    ledger.count_group(operations, started.elapsed());
     true
 }
 

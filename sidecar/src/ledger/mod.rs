@@ -175,6 +175,8 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 pub struct GroupCommits {
     pub groups: u64,
     pub operations: u64,
+    /// Time the writers spent applying groups, summed over writers, in microseconds.
+    pub busy_micros: u64,
 }
 
 impl GroupCommits {
@@ -186,6 +188,19 @@ impl GroupCommits {
             0.0
         } else {
             operations as f64 / groups as f64
+        }
+    }
+
+    /// How many writers were applying a group, on average, over the `elapsed` time
+    /// between `earlier` and `self`: at the writer count, the writers are the bound
+    /// (whatever their transactions wait for); below it, callers do not keep them busy.
+    pub fn writers_busy_since(&self, earlier: GroupCommits, elapsed: std::time::Duration) -> f64 {
+        let busy = self.busy_micros.saturating_sub(earlier.busy_micros);
+        let elapsed = elapsed.as_micros();
+        if elapsed == 0 {
+            0.0
+        } else {
+            busy as f64 / elapsed as f64
         }
     }
 }
@@ -212,6 +227,7 @@ struct Inner {
     /// group size, which is what group commit buys).
     groups: std::sync::atomic::AtomicU64,
     grouped_operations: std::sync::atomic::AtomicU64,
+    group_busy_micros: std::sync::atomic::AtomicU64,
 }
 
 const MAX_ATTEMPTS: u32 = 8;
@@ -234,6 +250,7 @@ impl Ledger {
                 retries: std::sync::atomic::AtomicU64::new(0),
                 groups: std::sync::atomic::AtomicU64::new(0),
                 grouped_operations: std::sync::atomic::AtomicU64::new(0),
+                group_busy_micros: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -298,15 +315,26 @@ impl Ledger {
         GroupCommits {
             groups: self.inner.groups.load(Relaxed),
             operations: self.inner.grouped_operations.load(Relaxed),
+            busy_micros: self.inner.group_busy_micros.load(Relaxed),
         }
     }
 
-    fn count_group(&self, operations: usize) {
+    /// The number of group-commit writers this process runs (0 before the first write).
+    pub fn writer_count(&self) -> usize {
+        self.inner
+            .writers
+            .get()
+            .map_or(0, group::GroupCommit::writers)
+    }
+
+    fn count_group(&self, operations: usize, busy: std::time::Duration) {
         use std::sync::atomic::Ordering::Relaxed;
         self.inner.groups.fetch_add(1, Relaxed);
         self.inner
             .grouped_operations
             .fetch_add(operations as u64, Relaxed);
+        let busy = u64::try_from(busy.as_micros()).unwrap_or(u64::MAX);
+        self.inner.group_busy_micros.fetch_add(busy, Relaxed);
     }
 
     fn count_retry(&self) {
@@ -366,4 +394,30 @@ fn check_key(value: &str, what: &str) -> Result<(), LedgerError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod group_commit_counter_tests {
+    use super::GroupCommits;
+    use std::time::Duration;
+
+    #[test]
+    fn writers_busy_is_writer_time_over_wall_time() {
+        let earlier = GroupCommits {
+            groups: 10,
+            operations: 30,
+            busy_micros: 1_000_000,
+        };
+        let now = GroupCommits {
+            groups: 20,
+            operations: 50,
+            busy_micros: 9_000_000,
+        };
+        // 8 s of writer time in 2 s: four writers busy all the time.
+        assert_eq!(now.writers_busy_since(earlier, Duration::from_secs(2)), 4.0);
+        assert_eq!(now.mean_size_since(earlier), 2.0);
+        assert_eq!(now.writers_busy_since(earlier, Duration::ZERO), 0.0);
+        // A counter read out of order never goes negative.
+        assert_eq!(earlier.writers_busy_since(now, Duration::from_secs(1)), 0.0);
+    }
 }

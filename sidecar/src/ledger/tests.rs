@@ -1850,6 +1850,11 @@ async fn a_hot_users_burst_shares_transactions_on_every_backend() {
             "{:?}: {operations} operations in {groups} transactions",
             t.backend
         );
+        // A writer applied the hot user's group while the lock was held (500 ms): that
+        // wait is writer time, which is what says the writers are the bound.
+        let busy = after.busy_micros - before.busy_micros;
+        assert!(busy >= 250_000, "{:?}: writers busy {busy} µs", t.backend);
+        assert!(l.writer_count() >= 1, "{:?}", t.backend);
         let hot = l.balance("hot", "text_token").await.unwrap().unwrap();
         assert_eq!(hot.held, (CALLS * 10) as u64, "{:?}", t.backend);
         assert_clean(&l).await;
