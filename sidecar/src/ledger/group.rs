@@ -443,10 +443,11 @@ async fn apply(inner: &Weak<Inner>, submissions: Vec<Vec<Pending>>) -> bool {
         return false;
     };
     let ledger = Ledger { inner };
-    let operations = group.len();
+    // Counted before the answers go out, so a caller that got its answer sees its group.
+    ledger.count_group(group.len());
     let started = std::time::Instant::now();
     run_group(&ledger, group).await;
-    ledger.count_group(operations, started.elapsed());
+    ledger.count_writer_busy(started.elapsed());
     true
 }
 

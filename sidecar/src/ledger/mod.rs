@@ -327,14 +327,21 @@ impl Ledger {
             .map_or(0, group::GroupCommit::writers)
     }
 
-    fn count_group(&self, operations: usize, busy: std::time::Duration) {
+    fn count_group(&self, operations: usize) {
         use std::sync::atomic::Ordering::Relaxed;
         self.inner.groups.fetch_add(1, Relaxed);
         self.inner
             .grouped_operations
             .fetch_add(operations as u64, Relaxed);
+    }
+
+    /// Adds a group's time at its writer (after its answers went out: a reader may see
+    /// the last group's time a moment late).
+    fn count_writer_busy(&self, busy: std::time::Duration) {
         let busy = u64::try_from(busy.as_micros()).unwrap_or(u64::MAX);
-        self.inner.group_busy_micros.fetch_add(busy, Relaxed);
+        self.inner
+            .group_busy_micros
+            .fetch_add(busy, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn count_retry(&self) {
