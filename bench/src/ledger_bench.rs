@@ -86,6 +86,9 @@ pub struct LedgerSection {
     /// `perf` summary of this process during the SQLite settlement batches: the sidecar's
     /// share of every metered call.
     pub sqlite_batch_profile: Option<String>,
+    /// `perf` summary of the whole machine during the PostgreSQL, concurrency 16,
+    /// many-users cell, with PostgreSQL's functions by inclusive share.
+    pub postgres_profile: Option<String>,
     pub overdraw: Vec<OverdrawCheck>,
     /// Settlement batches as the filter's outbox sends them.
     pub batches: Vec<BatchCell>,
@@ -130,6 +133,7 @@ pub async fn run(
         cells: Vec::new(),
         sqlite_profile: None,
         sqlite_batch_profile: None,
+        postgres_profile: None,
         overdraw: Vec::new(),
         batches: Vec::new(),
         floor: Vec::new(),
@@ -179,10 +183,23 @@ async fn run_backend(
                         && concurrency == 16
                         && spread == Spread::ManyUsers;
                     let recording = crate::profile::start_own(dir, "ledger", profiled);
+                    let server_profiled = round == 0
+                        && backend == Backend::Postgres
+                        && concurrency == 16
+                        && spread == Spread::ManyUsers;
+                    let server_recording = crate::profile::start_machine(
+                        dir,
+                        "ledger-postgres",
+                        "postgres",
+                        server_profiled,
+                    );
                     let cell =
                         run_cell(&ledger, backend, concurrency, spread, seconds, &label).await;
                     if let Some(recording) = recording {
                         section.sqlite_profile = Some(recording.summary());
+                    }
+                    if let Some(recording) = server_recording {
+                        section.postgres_profile = Some(recording.summary());
                     }
                     eprintln!(
                         "bench:   round {} c={concurrency:<3} {spread:?}: {:.0} pairs/s",

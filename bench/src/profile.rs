@@ -11,6 +11,9 @@ use anyhow::{bail, Context, Result};
 pub struct Recording {
     child: Child,
     data: std::path::PathBuf,
+    /// A whole-machine recording's process of interest (its command name), whose
+    /// functions the summary lists inclusively, from call chains.
+    focus: Option<String>,
 }
 
 /// Start sampling `pids` (call-graphs off: the summaries are flat).
@@ -27,7 +30,34 @@ pub fn start(dir: &Path, label: &str, pids: &[u32]) -> Result<Recording> {
         .stderr(Stdio::null())
         .spawn()
         .context("perf record (apt-get install linux-perf)")?;
-    Ok(Recording { child, data })
+    Ok(Recording {
+        child,
+        data,
+        focus: None,
+    })
+}
+
+/// Start sampling the whole machine with call chains when `wanted` and perf can; the
+/// summary then also lists the functions of the processes named `focus` (a database
+/// server's backends, which come and go with the pool) by the time spent in them.
+pub fn start_machine(dir: &Path, label: &str, focus: &str, wanted: bool) -> Option<Recording> {
+    if !(wanted && available()) {
+        return None;
+    }
+    let data = dir.join(format!("perf-{label}.data"));
+    let child = Command::new("perf")
+        .args(["record", "-a", "-g", "-F", "499", "-q", "-o"])
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    Some(Recording {
+        child,
+        data,
+        focus: Some(focus.to_string()),
+    })
 }
 
 /// Start sampling this process when `wanted` and perf can sample here; None otherwise (a
@@ -55,12 +85,48 @@ impl Recording {
         if !self.data.is_file() {
             bail!("perf record wrote nothing ({status})");
         }
-        let by_binary = report(&self.data, "comm,dso", 1.5)?;
-        let by_symbol = report(&self.data, "comm,dso,sym", 1.0)?;
+        // Call chains (whole-machine recordings) are summarised flat here.
+        let by_binary = report(&self.data, &["--sort", "comm,dso", "-g", "none"], 1.5)?;
+        let summary = match &self.focus {
+            None => {
+                let by_symbol = report(&self.data, &["--sort", "comm,dso,sym"], 1.0)?;
+                format!("By process and binary:\n{by_binary}\nTop symbols:\n{by_symbol}")
+            }
+            Some(comm) => {
+                let args = [
+                    "--children",
+                    "--sort",
+                    "sym",
+                    "-g",
+                    "none",
+                    "--comm",
+                    comm,
+                    "--percentage",
+                    "relative",
+                ];
+                let inclusive = report(&self.data, &args, 3.0)?;
+                // Its own code: the kernel's part (loopback TCP, wake-ups, fdatasync) is in
+                // the lines above, and the entry points hold every sample.
+                let entry = ["main", "PostmasterMain", "__libc_start_call_main"];
+                let own: Vec<&str> = inclusive
+                    .lines()
+                    .filter(|l| l.contains("[.] "))
+                    .filter(|l| {
+                        !entry
+                            .iter()
+                            .any(|e| l.trim_end().ends_with(&format!("] {e}")))
+                    })
+                    .collect();
+                format!(
+                    "By process and binary (swapper: idle CPU):\n{by_binary}\n\
+                     {comm}'s own functions, by share of its samples spent in them (callees \
+                     included):\n{}",
+                    own.join("\n")
+                )
+            }
+        };
         let _ = std::fs::remove_file(&self.data);
-        Ok(format!(
-            "By process and binary:\n{by_binary}\nTop symbols:\n{by_symbol}"
-        ))
+        Ok(summary)
     }
 }
 
@@ -71,9 +137,12 @@ impl Drop for Recording {
     }
 }
 
-fn report(data: &Path, sort: &str, percent_limit: f64) -> Result<String> {
+fn report(data: &Path, args: &[&str], percent_limit: f64) -> Result<String> {
+    let children = args.contains(&"--children");
     let output = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "-q", "--sort", sort])
+        .args(["report", "--stdio", "-q"])
+        .args((!children).then_some("--no-children"))
+        .args(args)
         .arg("--percent-limit")
         .arg(percent_limit.to_string())
         .arg("-i")
@@ -90,7 +159,9 @@ fn report(data: &Path, sort: &str, percent_limit: f64) -> Result<String> {
     let lines: Vec<String> = text
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .take(25)
+        // Addresses in a stripped binary say nothing to a reader.
+        .filter(|l| !l.contains("[.] 0x"))
+        .take(if children { 60 } else { 25 })
         .map(|l| {
             // Long C++ symbols would make the report unreadable.
             let l = l.trim_end();

@@ -688,6 +688,12 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
             "<details><summary>perf profile: ledger on SQLite, concurrency 16, many users (this process)</summary>\n\n```text\n{profile}\n```\n</details>\n"
         );
     }
+    if let Some(profile) = &ledger.postgres_profile {
+        let _ = writeln!(
+            out,
+            "<details><summary>perf profile: ledger on PostgreSQL, concurrency 16, many users (whole machine; PostgreSQL's functions)</summary>\n\n```text\n{profile}\n```\n</details>\n"
+        );
+    }
     if let Some(profile) = &ledger.sqlite_batch_profile {
         let _ = writeln!(
             out,
