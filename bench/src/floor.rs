@@ -17,6 +17,7 @@ use serde::Serialize;
 use sqlx::AnyPool;
 use sqlx::Executor;
 
+use crate::databases::Backend;
 use crate::procs::{machine_busy_seconds, processes_cpu_seconds};
 use crate::stats::median;
 
@@ -99,7 +100,7 @@ pub async fn run_cell(pool: &AnyPool, concurrency: usize, seconds: f64, label: &
     let machine = machine_busy_seconds().unwrap_or(0.0) - machine_before;
     let server = (processes_cpu_seconds(&["postgres"]) - server_before).max(0.0);
     FloorCell {
-        backend: "PostgreSQL",
+        backend: Backend::Postgres.label(),
         concurrency,
         pairs_per_s: pairs as f64 / elapsed,
         machine_cores: machine / elapsed,
