@@ -201,6 +201,7 @@ mod tests {
             (cells[1].pairs_per_s, cells[1].machine_cores),
             (3000.0, 3.0)
         );
+        assert_eq!(cells[1].server_cores, 1.5);
         assert!(median_cells(Vec::new()).is_empty());
     }
 }

@@ -1014,11 +1014,12 @@ fn render_ledger_bounds(out: &mut String, ledger: &LedgerSection) {
     if many.is_empty() {
         return;
     }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let _ = writeln!(
         out,
         "What bounds the many-users cells: writers busy is how many of the ledger's group-commit writers \
          were applying a group, on average (at their count the writers are the bound, whatever their \
-         transactions wait for); machine is the cores the whole machine kept busy (of 2), server those of \
+         transactions wait for); machine is the cores the whole machine kept busy (of {cpus}), server those of \
          the database server's processes (SQLite runs in this process).\n"
     );
     let _ = writeln!(
