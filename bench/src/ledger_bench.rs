@@ -51,6 +51,9 @@ pub struct LedgerCell {
     /// server's processes (None for SQLite, which runs in this process).
     pub machine_cores: f64,
     pub server_cores: Option<f64>,
+    /// Of the cell's settlements, the share made in one statement (PostgreSQL's common
+    /// case; 0 on the other backends).
+    pub one_statement_share: f64,
     /// Each round's pairs/s, in order (`pairs_per_s` is their median).
     pub rounds_pairs_per_s: Vec<f64>,
 }
@@ -414,7 +417,20 @@ async fn run_cell(
         writers_busy: commits.writers_busy_since(commits_before, Duration::from_secs_f64(elapsed)),
         machine_cores,
         server_cores,
+        one_statement_share: share(
+            commits.one_statement_settlements - commits_before.one_statement_settlements,
+            pairs,
+        ),
         rounds_pairs_per_s: Vec::new(),
+    }
+}
+
+/// `part` of `whole` (0 when there is no whole).
+fn share(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
     }
 }
 
@@ -461,6 +477,7 @@ fn median_cells(rounds: Vec<Vec<LedgerCell>>) -> Vec<LedgerCell> {
                 server_cores: base
                     .server_cores
                     .map(|_| mid(|c| c.server_cores.unwrap_or(0.0))),
+                one_statement_share: mid(|c| c.one_statement_share),
                 rounds_pairs_per_s: cells.iter().map(|c| c.pairs_per_s).collect(),
             }
         })
@@ -556,6 +573,7 @@ mod tests {
             writers_busy: pairs_per_s / 1000.0,
             machine_cores: pairs_per_s / 2000.0,
             server_cores: Some(pairs_per_s / 4000.0),
+            one_statement_share: pairs_per_s / 10_000.0,
             rounds_pairs_per_s: Vec::new(),
         }
     }
@@ -578,6 +596,7 @@ mod tests {
         assert_eq!(c16.ops_per_group, 30.0);
         assert_eq!((c16.writers, c16.writers_busy), (4, 3.0));
         assert_eq!((c16.machine_cores, c16.server_cores), (1.5, Some(0.75)));
+        assert_eq!(c16.one_statement_share, 0.3);
         assert!(median_cells(Vec::new()).is_empty());
     }
 }

@@ -160,6 +160,11 @@ impl Metrics {
                 commits.operations,
             ),
             (
+                "meter_ledger_one_statement_settlements_total",
+                "Settlements made in one statement (PostgreSQL: own hold, one lot, no debt).",
+                commits.one_statement_settlements,
+            ),
+            (
                 "meter_ledger_transient_retries_total",
                 "Ledger attempts tried again after a deadlock, busy database or lost connection.",
                 transient_retries,

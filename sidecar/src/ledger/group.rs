@@ -484,6 +484,19 @@ async fn run_group(ledger: &Ledger, mut group: Vec<Pending>) {
             return;
         }
     }
+    if let [Pending {
+        op: Op::Settle(req),
+        ..
+    }] = group.as_slice()
+    {
+        if let Some(answer) = ledger.settle_alone(req).await {
+            if let Some(lone) = group.pop() {
+                // The caller may have gone away; its settlement stands (idempotent).
+                let _ = lone.reply.send(Ok(Done::Settled(answer)));
+            }
+            return;
+        }
+    }
     let (ops, replies): (Vec<Op>, Vec<Reply>) = group.into_iter().map(|p| (p.op, p.reply)).unzip();
     let results = match attempt(ledger, &ops, false).await {
         Ok(results) => results,

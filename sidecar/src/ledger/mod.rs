@@ -55,6 +55,7 @@ mod reconcile;
 mod reserve_ahead;
 mod reset;
 mod settle;
+mod settle_fast;
 #[cfg(test)]
 mod tests;
 
@@ -177,6 +178,8 @@ pub struct GroupCommits {
     pub operations: u64,
     /// Time the writers spent applying groups, summed over writers, in microseconds.
     pub busy_micros: u64,
+    /// Settlements made in one statement (PostgreSQL's common case, `settle_fast.rs`).
+    pub one_statement_settlements: u64,
 }
 
 impl GroupCommits {
@@ -228,7 +231,25 @@ struct Inner {
     groups: std::sync::atomic::AtomicU64,
     grouped_operations: std::sync::atomic::AtomicU64,
     group_busy_micros: std::sync::atomic::AtomicU64,
+    /// PostgreSQL settles its common case in one statement (`settle_fast.rs`); tests turn
+    /// it off to compare with the general path.
+    one_statement_settle: std::sync::atomic::AtomicBool,
+    one_statement_settlements: std::sync::atomic::AtomicU64,
 }
+
+/// The daily-cost columns a settlement adds to (and the cost report sums).
+pub const DAILY_COST_SUMS: [&str; 10] = [
+    "requests",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "images",
+    "units",
+    "cost_micros",
+    "unpriced_requests",
+];
 
 const MAX_ATTEMPTS: u32 = 8;
 
@@ -251,6 +272,8 @@ impl Ledger {
                 groups: std::sync::atomic::AtomicU64::new(0),
                 grouped_operations: std::sync::atomic::AtomicU64::new(0),
                 group_busy_micros: std::sync::atomic::AtomicU64::new(0),
+                one_statement_settle: std::sync::atomic::AtomicBool::new(true),
+                one_statement_settlements: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -266,6 +289,27 @@ impl Ledger {
     /// The catalog cache; call `prices().invalidate()` after changing models or prices.
     pub fn prices(&self) -> &PriceBook {
         &self.inner.prices
+    }
+
+    /// See [`Inner::one_statement_settle`].
+    fn settles_in_one_statement(&self) -> bool {
+        self.inner
+            .one_statement_settle
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_one_statement_settlement(&self) {
+        self.inner
+            .one_statement_settlements
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Settles every call by the general path (tests compare the two).
+    #[cfg(test)]
+    fn settle_by_the_general_path(&self) {
+        self.inner
+            .one_statement_settle
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn now(&self) -> i64 {
@@ -316,6 +360,7 @@ impl Ledger {
             groups: self.inner.groups.load(Relaxed),
             operations: self.inner.grouped_operations.load(Relaxed),
             busy_micros: self.inner.group_busy_micros.load(Relaxed),
+            one_statement_settlements: self.inner.one_statement_settlements.load(Relaxed),
         }
     }
 
@@ -414,11 +459,13 @@ mod group_commit_counter_tests {
             groups: 10,
             operations: 30,
             busy_micros: 1_000_000,
+            ..GroupCommits::default()
         };
         let now = GroupCommits {
             groups: 20,
             operations: 50,
             busy_micros: 9_000_000,
+            ..GroupCommits::default()
         };
         // 8 s of writer time in 2 s: four writers busy all the time.
         assert_eq!(now.writers_busy_since(earlier, Duration::from_secs(2)), 4.0);

@@ -18,7 +18,7 @@ use super::group::{Done, Op};
 use super::lease::{is_lease_key, LEASE_PREFIX};
 use super::prefetch::Prefetched;
 use super::{backoff, check_key, retryable, to_i64, Ledger, LedgerError, MAX_ATTEMPTS};
-use crate::pricing::{format_micros, Cost, Measure, PriceVersion};
+use crate::pricing::{format_micros, Cost, Measure, ModelPricing, PriceVersion};
 use crate::storage::{Batch, Dialect, Value};
 
 /// A hold row as read (and locked) inside a transaction.
@@ -54,6 +54,28 @@ pub(super) struct Target {
     pub release: i64,
     pub started_at: Option<i64>,
     pub fail_open: bool,
+}
+
+impl Target {
+    /// A target priced by what the catalog gives the model now (no hold's price to keep).
+    pub(super) fn by_catalog(
+        req: &SettleRequest,
+        model: ModelPricing,
+        user_id: String,
+        fail_open: bool,
+    ) -> Target {
+        Target {
+            user_id,
+            quota_type: model.quota_type,
+            provider: req.provider.clone(),
+            model: req.model.clone(),
+            measure: model.measure,
+            price: model.price,
+            release: 0,
+            started_at: None,
+            fail_open,
+        }
+    }
 }
 
 /// One `usage_records` row.
@@ -228,6 +250,9 @@ impl Ledger {
             // An unknown lease: the call did run, so it is charged like one without a hold.
             tracing::warn!(request_id = %req.request_id, %lease_id,
                 "settlement under an unknown lease; charging directly");
+        }
+        if let Some(answer) = self.settle_in_one_statement(conn, req).await? {
+            return Ok(answer);
         }
         let db = self.db();
         let now = self.now();
@@ -441,17 +466,12 @@ impl Ledger {
             tracing::warn!(provider = %req.provider, model = %req.model,
                 request_id = %req.request_id, "settling a call to a model with no price in force");
         }
-        Ok(Some(Target {
+        Ok(Some(Target::by_catalog(
+            req,
+            model,
             user_id,
-            quota_type: model.quota_type,
-            provider: req.provider.clone(),
-            model: req.model.clone(),
-            measure: model.measure,
-            price: model.price,
-            release: 0,
-            started_at: None,
-            fail_open: !req.authorized,
-        }))
+            !req.authorized,
+        )))
     }
 
     /// Answers a retried settlement from its usage record.
@@ -1358,19 +1378,17 @@ pub(super) fn push_usage(
          partial, unpriced, fail_open, upstream_status, status, reason, day, started_at, \
          ended_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
          ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        vec![
+        [
             row.request_id.into(),
             t.user_id.as_str().into(),
             t.provider.as_str().into(),
             t.model.as_str().into(),
             t.quota_type.as_str().into(),
             row.outcome.into(),
-            (u.input_tokens as i64).into(),
-            (u.cached_input_tokens as i64).into(),
-            (u.cache_write_tokens as i64).into(),
-            (u.output_tokens as i64).into(),
-            (u.reasoning_tokens as i64).into(),
-            (u.images as i64).into(),
+        ]
+        .into_iter()
+        .chain(token_columns(u))
+        .chain([
             row.units.into(),
             row.charged.into(),
             row.debt.into(),
@@ -1389,7 +1407,8 @@ pub(super) fn push_usage(
             t.started_at.into(),
             row.ended_at.into(),
             now.into(),
-        ],
+        ])
+        .collect(),
     );
 }
 
@@ -1402,41 +1421,41 @@ pub(super) fn push_daily_cost(ledger: &Ledger, batch: &mut Batch, row: &UsageRow
         insert,
         "daily_costs",
         &["day", "provider", "model", "user_id"],
-        &[
-            "requests",
-            "input_tokens",
-            "cached_input_tokens",
-            "cache_write_tokens",
-            "output_tokens",
-            "reasoning_tokens",
-            "images",
-            "units",
-            "cost_micros",
-            "unpriced_requests",
-        ],
+        &super::DAILY_COST_SUMS,
         &["currency", "updated_at"],
     );
     let t = row.target;
     let u = &row.usage;
     batch.push(
         sql,
-        vec![
+        [
             ledger.day_of(row.ended_at).into(),
             t.provider.as_str().into(),
             t.model.as_str().into(),
             t.user_id.as_str().into(),
             t.quota_type.as_str().into(),
             t.price.as_ref().map(|p| p.currency.clone()).into(),
-            (u.input_tokens as i64).into(),
-            (u.cached_input_tokens as i64).into(),
-            (u.cache_write_tokens as i64).into(),
-            (u.output_tokens as i64).into(),
-            (u.reasoning_tokens as i64).into(),
-            (u.images as i64).into(),
+        ]
+        .into_iter()
+        .chain(token_columns(u))
+        .chain([
             row.units.into(),
             row.cost_micros.unwrap_or(0).into(),
             i64::from(row.cost_micros.is_none()).into(),
             now.into(),
-        ],
+        ])
+        .collect(),
     );
+}
+
+/// The six token columns of a usage record and a daily cost, in their column order.
+pub(super) fn token_columns(u: &Usage) -> [Value; 6] {
+    [
+        (u.input_tokens as i64).into(),
+        (u.cached_input_tokens as i64).into(),
+        (u.cache_write_tokens as i64).into(),
+        (u.output_tokens as i64).into(),
+        (u.reasoning_tokens as i64).into(),
+        (u.images as i64).into(),
+    ]
 }

@@ -352,22 +352,11 @@ async fn cost_rows(
     user_id: Option<&str>,
 ) -> Result<Vec<CostRow>, sqlx::Error> {
     let dialect = state.db.dialect();
-    let sums = [
-        "requests",
-        "unpriced_requests",
-        "input_tokens",
-        "cached_input_tokens",
-        "cache_write_tokens",
-        "output_tokens",
-        "reasoning_tokens",
-        "images",
-        "units",
-        "cost_micros",
-    ]
-    .iter()
-    .map(|column| format!("{} AS {column}", dialect.sum_i64(column)))
-    .collect::<Vec<_>>()
-    .join(", ");
+    let sums = crate::ledger::DAILY_COST_SUMS
+        .iter()
+        .map(|column| format!("{} AS {column}", dialect.sum_i64(column)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let group = group_by.expression();
     let user_filter = if user_id.is_some() {
         " AND user_id = ?"
