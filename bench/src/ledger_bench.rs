@@ -111,6 +111,11 @@ pub struct BatchCell {
     pub batch_p50_us: u64,
     pub batch_p99_us: u64,
     pub errors: u64,
+    /// Settlements made in one statement (`ledger/settle_fast.rs`), of those settled.
+    pub one_statement_share: f64,
+    /// CPU of the database server's processes per settlement, in µs (None for SQLite,
+    /// which runs in this process).
+    pub server_cpu_us_per_settlement: Option<f64>,
 }
 
 /// Calls per settlement batch (the filter's default `settle_batch_max`).
@@ -272,6 +277,9 @@ async fn settle_batches(ledger: &Ledger, backend: Backend, seconds: f64) -> Resu
         let lease = answer.lease.context("no lease granted")?;
         leases.push((user, lease.lease_id));
     }
+    let commits_before = ledger.group_commits();
+    let server = server_processes(backend);
+    let server_before = processes_cpu_seconds(server);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let (mut latencies, mut settled, mut errors, mut n) = (Vec::new(), 0u64, 0u64, 0usize);
     while Instant::now() < deadline {
@@ -305,6 +313,14 @@ async fn settle_batches(ledger: &Ledger, backend: Backend, seconds: f64) -> Resu
         batch_p50_us: quantile(&latencies, 0.5),
         batch_p99_us: quantile(&latencies, 0.99),
         errors,
+        one_statement_share: share(
+            ledger.group_commits().one_statement_settlements
+                - commits_before.one_statement_settlements,
+            settled,
+        ),
+        server_cpu_us_per_settlement: (!server.is_empty() && settled > 0).then(|| {
+            (processes_cpu_seconds(server) - server_before).max(0.0) * 1e6 / settled as f64
+        }),
     })
 }
 

@@ -20,8 +20,8 @@ use crate::databases::{Backend, BenchDb};
 use crate::envoy::{Envoy, Variant, SHARED_SECRET, USER_HEADER};
 use crate::openloop::{self, OpenLoop, OpenLoopPlan, OpenLoopSamples};
 use crate::procs::{
-    cpu_seconds, free_port, http_post, machine_busy_seconds, repo_root, rss_bytes, scratch_dir,
-    Proc,
+    cpu_seconds, free_port, http_get_body, http_post, machine_busy_seconds, repo_root, rss_bytes,
+    scratch_dir, Proc,
 };
 use crate::seed;
 use crate::stats::median;
@@ -86,6 +86,8 @@ pub struct StandRun {
     pub stream: ShapeFigures,
     /// The filter's own counters after the run (metering stands).
     pub filter_stats: Vec<(String, u64)>,
+    /// The sidecar's counters after the run (metering stands): see [`sidecar_stats`].
+    pub sidecar_stats: Vec<(String, u64)>,
     pub envoy_rss_bytes: Option<u64>,
     pub sidecar_rss_bytes: Option<u64>,
 }
@@ -422,6 +424,10 @@ fn summarize(stand: &Stand) -> StandRun {
         } else {
             Vec::new()
         },
+        sidecar_stats: stand
+            .sidecar
+            .as_ref()
+            .map_or_else(Vec::new, |s| sidecar_stats(s.port)),
         envoy_rss_bytes: rss_bytes(stand.envoy.proc.pid()),
         sidecar_rss_bytes: stand.sidecar.as_ref().and_then(|s| rss_bytes(s.proc.pid())),
     }
@@ -537,6 +543,35 @@ async fn stop_stand(stand: Stand) {
 }
 
 /// The sidecar process on a seeded database.
+/// From the sidecar's `/metrics`: finalize batches answered, settlements in them, and
+/// those made in one statement (their ratio is the batch size the filter's outbox sent).
+fn sidecar_stats(port: u16) -> Vec<(String, u64)> {
+    let Some(text) = http_get_body(port, "/metrics") else {
+        return Vec::new();
+    };
+    let finalize_route = format!(
+        "meter_http_requests_total{{route=\"{}\"",
+        llm_meter_protocol::PATH_FINALIZE_BATCH
+    );
+    let sum = |prefix: &str| -> u64 {
+        text.lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    vec![
+        ("finalize_batches".into(), sum(&finalize_route)),
+        (
+            "settlements".into(),
+            sum("meter_settlements_total{status=\"settled\"}"),
+        ),
+        (
+            "one_statement_settlements".into(),
+            sum("meter_ledger_one_statement_settlements_total"),
+        ),
+    ]
+}
+
 struct SidecarProc {
     port: u16,
     proc: Proc,

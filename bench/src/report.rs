@@ -536,12 +536,18 @@ fn render_proxy(out: &mut String, results: &Results) {
             .iter()
             .map(|(k, v)| format!("{}={v}", k.trim_start_matches("wasmcustom.llm_meter.")))
             .collect();
+        let sidecar: Vec<String> = run
+            .sidecar_stats
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         let _ = writeln!(
             out,
-            "Filter counters after the {} ({}) run: {}. Envoy RSS {} MiB, sidecar RSS {} MiB.\n",
+            "Filter counters after the {} ({}) run: {}. Sidecar: {}. Envoy RSS {} MiB, sidecar RSS {} MiB.\n",
             run.label,
             run.backend.unwrap_or("?"),
             stats.join(", "),
+            sidecar.join(", "),
             run.envoy_rss_bytes.map_or(0, |b| b / 1024 / 1024),
             run.sidecar_rss_bytes.map_or(0, |b| b / 1024 / 1024),
         );
@@ -663,20 +669,30 @@ fn render_ledger(out: &mut String, ledger: Option<&LedgerSection>) {
             out,
             "Settlement batches as the filter sends them: {} calls of {} users per batch, each settled \
              under its user's lease, one batch in flight at a time (the outbox's rule), each through \
-             `Ledger::finalize` (the sidecar's `/v1/finalize` without HTTP).\n",
+             `Ledger::finalize` (the sidecar's `/v1/finalize` without HTTP). One statement: the share \
+             settled in one statement (PostgreSQL's common case); server CPU: the database server's \
+             processes' CPU per settlement (SQLite runs in this process).\n",
             crate::ledger_bench::SETTLE_BATCH,
             crate::ledger_bench::SPREAD_USERS
         );
         let _ = writeln!(
             out,
-            "| backend | settlements/s | batch p50 / p99 | batches | errors |"
+            "| backend | settlements/s | batch p50 / p99 | batches | errors | one statement | server CPU |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
         for b in &ledger.batches {
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {} / {} µs | {} | {} |",
-                b.backend, b.settlements_per_s, b.batch_p50_us, b.batch_p99_us, b.batches, b.errors
+                "| {} | {:.0} | {} / {} µs | {} | {} | {:.0}% | {} |",
+                b.backend,
+                b.settlements_per_s,
+                b.batch_p50_us,
+                b.batch_p99_us,
+                b.batches,
+                b.errors,
+                b.one_statement_share * 100.0,
+                b.server_cpu_us_per_settlement
+                    .map_or("-".into(), |us| format!("{us:.0} µs"))
             );
         }
         out.push('\n');

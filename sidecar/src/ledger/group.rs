@@ -587,7 +587,10 @@ async fn attempt(
     // as for any failing operation; so does a failed COMMIT sent with the writes on SQLite.
     let deferred = reads.take_deferred();
     match tx.commit_with(ledger.db().dialect(), deferred).await {
-        Ok(()) => Ok(results),
+        Ok(()) => {
+            ledger.count_one_statement_settlements(reads.one_statement_settlements());
+            Ok(results)
+        }
         Err(CommitError::Writes(e)) => Err(Failure::Op(e.into())),
         Err(CommitError::Commit(e)) => Err(Failure::Group(e.into())),
     }

@@ -298,10 +298,10 @@ impl Ledger {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn count_one_statement_settlement(&self) {
+    fn count_one_statement_settlements(&self, settled: u64) {
         self.inner
             .one_statement_settlements
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(settled, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Settles every call by the general path (tests compare the two).

@@ -45,10 +45,12 @@ use crate::storage::{Batch, Dialect};
 const KEYS_PER_QUERY: usize = 128;
 
 /// Holds and accounts read ahead for a group's settlements, by hold key, and the writes
-/// of the settlements that used them, applied together at the end of the group.
+/// of the settlements that used them, applied together at the end of the group; and the
+/// group's settlements made in one statement, counted once it commits.
 #[derive(Default)]
 pub(super) struct Prefetched {
     holds: HashMap<String, (Hold, Account)>,
+    one_statement_settlements: u64,
     /// Authorizations already reserved by the group's merged update (see
     /// `reserve_ahead.rs`), by request id.
     reserved: HashSet<String>,
@@ -78,6 +80,16 @@ impl Prefetched {
     /// go to the database merged with the others' (see [`Batch::merged`]).
     pub fn deferred(&mut self) -> &mut Batch {
         &mut self.deferred
+    }
+
+    /// A settlement of the group was made in one statement (`settle_fast.rs`).
+    pub fn settled_in_one_statement(&mut self) {
+        self.one_statement_settlements += 1;
+    }
+
+    /// The group's settlements made in one statement (for its metric, once committed).
+    pub fn one_statement_settlements(&self) -> u64 {
+        self.one_statement_settlements
     }
 
     /// The deferred writes, to apply (merged where that saves statements) before the

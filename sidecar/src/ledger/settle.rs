@@ -252,6 +252,7 @@ impl Ledger {
                 "settlement under an unknown lease; charging directly");
         }
         if let Some(answer) = self.settle_in_one_statement(conn, req).await? {
+            reads.settled_in_one_statement();
             return Ok(answer);
         }
         let db = self.db();

@@ -19,6 +19,10 @@
 //! answers as before (replays, late or direct settlements, debt, several lots, a price
 //! changed since the authorization). `one_statement_matches_the_general_path` proves the
 //! rows equal.
+//!
+//! Settlements under a lease (the filter's batches) take the general path: the same
+//! statement with the lease in the hold's place was built and measured, and in the proxy
+//! bench it made PostgreSQL work more per call, not less (ANALYSIS, section 3).
 
 use llm_meter_protocol::{Outcome, SettleRequest, SettleResponse, SettleStatus};
 use sqlx::Row;
@@ -74,7 +78,7 @@ fn settle_sql(daily_cost_upsert: &str) -> String {
          wj AS (INSERT INTO ledger_journal (user_id, quota_type, kind, lot_id, request_id, \
            lot_delta, balance_delta, held_delta, debt_delta, memo, created_at) \
            SELECT ok.user_id, ok.quota_type, 'release', CAST(NULL AS BIGINT), ?, 0, 0, \
-           -ok.amount, 0, CAST(NULL AS VARCHAR), ? FROM ok \
+           -ok.amount, 0, CAST(NULL AS VARCHAR), ? FROM ok WHERE ok.amount > 0 \
            UNION ALL SELECT ok.user_id, ok.quota_type, 'settle', ok.lot_id, ?, ?, ?, 0, 0, \
            CAST(NULL AS VARCHAR), ? FROM ok) \
          SELECT COUNT(*) FROM ok"
@@ -206,7 +210,6 @@ impl Ledger {
         if row.try_get::<i64, _>(0)? != 1 {
             return Ok(None);
         }
-        self.count_one_statement_settlement();
         Ok(Some(SettleResponse {
             request_id: req.request_id.clone(),
             status: SettleStatus::Settled,
@@ -228,10 +231,13 @@ impl Ledger {
             return None;
         }
         let mut conn = Conn::from(self.db().pool().acquire().await.ok()?);
-        self.settle_in_one_statement(&mut conn, req)
+        let answer = self
+            .settle_in_one_statement(&mut conn, req)
             .await
             .ok()
-            .flatten()
+            .flatten()?;
+        self.count_one_statement_settlements(1);
+        Some(answer)
     }
 }
 
@@ -249,6 +255,7 @@ mod tests {
     use llm_meter_protocol::{Decision, Finalize, Outcome, Usage};
     use sqlx::Row;
 
+    use super::super::lease_tests::{lease_auth, release, under};
     use super::super::tests::{
         assert_clean, auth, fixture, grant_req, price, seed_catalog, settle_req, Fixture, T0,
     };
@@ -257,7 +264,8 @@ mod tests {
 
     /// Every case the one statement takes, and every case it must leave to the general path
     /// (two lots, debt, a due lot event, zero units, a price changed since the
-    /// authorization, a late or direct settlement, a repeat), run once with it and once
+    /// authorization, a late or direct settlement, a repeat, settlements under leases), run
+    /// once with it and once
     /// without on PostgreSQL: the answers and every row the ledger keeps are the same, and
     /// the statement settled exactly the cases it should.
     #[tokio::test]
@@ -373,6 +381,8 @@ mod tests {
             Finalize::Settle(settle("c7", "u1", "gpt", 5, 5)),
         ];
         out.extend(l.finalize(&batch).await.into_iter().map(show));
+        // Leases take the general path (ANALYSIS, section 3, says why).
+        out.extend(lease_settlements(l).await);
         // A price in force since the authorization: the hold's price applies.
         f.advance(Duration::from_millis(1));
         price(db, "gpt", l.now(), "0.004", "0.012").await;
@@ -389,6 +399,49 @@ mod tests {
         let mut direct = settle("c13", "u1", "gpt", 5, 5);
         direct.authorized = false;
         out.push(show(l.settle(&direct).await));
+        out
+    }
+
+    /// Settlements under leases: alone, in a group (with a repeat and another caller), past
+    /// what is left of the lease, and under a released lease.
+    async fn lease_settlements(l: &super::Ledger) -> Vec<String> {
+        let mut out = Vec::new();
+        for g in [grant_req("u6", 100_000, "u6"), grant_req("u7", 1_000, "u7")] {
+            assert!(l.grant(&g).await.unwrap().created);
+        }
+        let mut leases = Vec::new();
+        for (user, id, units) in [("u6", "la", 10_000), ("u7", "ld", 300)] {
+            let answer = l.authorize(&lease_auth(id, user, 100, 100, units)).await;
+            let answer = answer.unwrap();
+            assert_eq!(answer.decision, Decision::Allow, "{id}");
+            leases.push(answer.lease.expect("a lease").lease_id);
+        }
+        let (big, small) = (&leases[0], &leases[1]);
+        let settled =
+            |r: Result<llm_meter_protocol::SettleResponse, super::LedgerError>| format!("{r:?}");
+        // The authorizing call, alone.
+        out.push(settled(
+            l.settle(&under(big, 200, settle_req("la", "u6", 100, 50)))
+                .await,
+        ));
+        let batch = [
+            Finalize::Settle(under(big, 300, settle_req("lb", "u6", 200, 100))),
+            Finalize::Settle(under(big, 300, settle_req("lb", "u6", 200, 100))),
+            Finalize::Settle(under(big, 30, settle_req("lc", "u7", 10, 10))),
+            Finalize::Settle(under(big, 30, settle_req("le", "u6", 10, 10))),
+        ];
+        out.extend(l.finalize(&batch).await.into_iter().map(settled));
+        // 400 units against a lease of 300 (200 of it the call's own hold).
+        out.push(settled(
+            l.settle(&under(small, 200, settle_req("ld", "u7", 200, 200)))
+                .await,
+        ));
+        assert!(l.finalize(&[Finalize::Release(release(big))]).await[0].is_ok());
+        out.push(settled(
+            l.settle(&under(big, 30, settle_req("lf", "u6", 10, 10)))
+                .await,
+        ));
+        assert!(l.finalize(&[Finalize::Release(release(small))]).await[0].is_ok());
         out
     }
 
