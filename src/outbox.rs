@@ -142,16 +142,25 @@ impl Outbox {
         if self.in_flight.len() >= self.config.max_in_flight.max(1) {
             return None;
         }
-        let mut taken = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.queue.len());
-        while let Some(entry) = self.queue.pop_front() {
-            if taken.len() < self.config.batch_max && entry.not_before_ms <= now_ms {
+        // Take due entries from the front until the batch is full; entries still backing
+        // off go back in front, in their order. The rest of the queue is not touched: under
+        // load it holds thousands of settlements, and moving them all for every batch cost
+        // Envoy's worker memory traffic per call.
+        let mut taken = Vec::with_capacity(self.config.batch_max.min(self.queue.len()));
+        let mut backing_off = Vec::new();
+        while taken.len() < self.config.batch_max {
+            let Some(entry) = self.queue.pop_front() else {
+                break;
+            };
+            if entry.not_before_ms <= now_ms {
                 taken.push(entry);
             } else {
-                kept.push_back(entry);
+                backing_off.push(entry);
             }
         }
-        self.queue = kept;
+        for entry in backing_off.into_iter().rev() {
+            self.queue.push_front(entry);
+        }
         if taken.is_empty() {
             return None;
         }
@@ -492,6 +501,31 @@ mod tests {
         outbox.on_batch_failed(batch.id, 0); // "a" due at 100
         outbox.push(item("b"), 10);
         assert_eq!(ids(&outbox.next_batch(10).unwrap()), ["b"]);
+    }
+
+    #[test]
+    fn backing_off_items_keep_their_place_and_order() {
+        let mut outbox = Outbox::new(OutboxConfig {
+            capacity: 10,
+            ..config()
+        });
+        outbox.push(item("a"), 0);
+        outbox.push(item("b"), 0);
+        let failed = outbox.next_batch(0).unwrap();
+        outbox.on_batch_failed(failed.id, 0); // "a" and "b" due at 100, in front
+        for id in ["c", "d", "e"] {
+            outbox.push(item(id), 10);
+        }
+        let mut sent = Vec::new();
+        for now in [10, 10, 100] {
+            let batch = outbox.next_batch(now).unwrap();
+            let names: Vec<String> = ids(&batch).iter().map(|s| s.to_string()).collect();
+            let results: Vec<FinalizeResult> = names.iter().map(|id| ok(id)).collect();
+            outbox.on_batch_results(batch.id, &results, now);
+            sent.push(names.join(","));
+        }
+        assert_eq!(sent, ["c,d", "e", "a,b"]);
+        assert!(outbox.is_empty());
     }
 
     #[test]
