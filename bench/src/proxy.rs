@@ -542,7 +542,6 @@ async fn stop_stand(stand: Stand) {
     crate::procs::remove_scratch(&dir);
 }
 
-/// The sidecar process on a seeded database.
 /// From the sidecar's `/metrics`: finalize batches answered, settlements in them, and
 /// those made in one statement (their ratio is the batch size the filter's outbox sent).
 fn sidecar_stats(port: u16) -> Vec<(String, u64)> {
@@ -572,6 +571,7 @@ fn sidecar_stats(port: u16) -> Vec<(String, u64)> {
     ]
 }
 
+/// The sidecar process on a seeded database.
 struct SidecarProc {
     port: u16,
     proc: Proc,

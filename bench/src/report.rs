@@ -536,18 +536,23 @@ fn render_proxy(out: &mut String, results: &Results) {
             .iter()
             .map(|(k, v)| format!("{}={v}", k.trim_start_matches("wasmcustom.llm_meter.")))
             .collect();
-        let sidecar: Vec<String> = run
-            .sidecar_stats
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let sidecar = if run.sidecar_stats.is_empty() {
+            String::new()
+        } else {
+            let stats: Vec<String> = run
+                .sidecar_stats
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!(" Sidecar: {}.", stats.join(", "))
+        };
         let _ = writeln!(
             out,
-            "Filter counters after the {} ({}) run: {}. Sidecar: {}. Envoy RSS {} MiB, sidecar RSS {} MiB.\n",
+            "Filter counters after the {} ({}) run: {}.{} Envoy RSS {} MiB, sidecar RSS {} MiB.\n",
             run.label,
             run.backend.unwrap_or("?"),
             stats.join(", "),
-            sidecar.join(", "),
+            sidecar,
             run.envoy_rss_bytes.map_or(0, |b| b / 1024 / 1024),
             run.sidecar_rss_bytes.map_or(0, |b| b / 1024 / 1024),
         );

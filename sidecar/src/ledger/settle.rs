@@ -78,6 +78,14 @@ impl Target {
     }
 }
 
+/// A settlement's outcome as `usage_records.outcome` spells it.
+pub(super) fn outcome_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Completed => "completed",
+        Outcome::Partial => "partial",
+    }
+}
+
 /// One `usage_records` row.
 pub(super) struct UsageRow<'a> {
     pub request_id: &'a str,
@@ -367,10 +375,7 @@ impl Ledger {
         let row = UsageRow {
             request_id: &req.request_id,
             target,
-            outcome: match req.outcome {
-                Outcome::Completed => "completed",
-                Outcome::Partial => "partial",
-            },
+            outcome: outcome_name(req.outcome),
             usage: measured.usage,
             units: measured.units,
             charged,

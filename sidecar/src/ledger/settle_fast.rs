@@ -28,7 +28,7 @@ use llm_meter_protocol::{Outcome, SettleRequest, SettleResponse, SettleStatus};
 use sqlx::Row;
 
 use super::accounts::{BURNABLE_OF_L, BURN_ORDER_OF_L};
-use super::settle::{measure, token_columns, Target};
+use super::settle::{measure, outcome_name, token_columns, Target};
 use super::{Ledger, LedgerError};
 use crate::pricing::format_micros;
 use crate::storage::{bind_values, Conn, Dialect, Value};
@@ -109,10 +109,7 @@ impl Ledger {
         conn: &mut Conn,
         req: &SettleRequest,
     ) -> Result<Option<SettleResponse>, LedgerError> {
-        if self.db().dialect() != Dialect::Postgres
-            || req.lease_id.is_some()
-            || !self.settles_in_one_statement()
-        {
+        if !self.may_settle_in_one_statement(req) {
             return Ok(None);
         }
         let now = self.now();
@@ -168,7 +165,7 @@ impl Ledger {
             rid.into(),
             provider.into(),
             model_code.into(),
-            outcome_of(req).into(),
+            outcome_name(req.outcome).into(),
         ];
         values.extend(tokens.iter().cloned());
         values.extend([
@@ -224,10 +221,7 @@ impl Ledger {
     /// its own, so one round trip instead of BEGIN, the statement and COMMIT. None when it
     /// did not apply or failed (it then wrote nothing); the group runs the general path.
     pub(super) async fn settle_alone(&self, req: &SettleRequest) -> Option<SettleResponse> {
-        if self.db().dialect() != Dialect::Postgres
-            || req.lease_id.is_some()
-            || !self.settles_in_one_statement()
-        {
+        if !self.may_settle_in_one_statement(req) {
             return None;
         }
         let mut conn = Conn::from(self.db().pool().acquire().await.ok()?);
@@ -241,10 +235,15 @@ impl Ledger {
     }
 }
 
-fn outcome_of(req: &SettleRequest) -> &'static str {
-    match req.outcome {
-        Outcome::Completed => "completed",
-        Outcome::Partial => "partial",
+impl Ledger {
+    /// Whether `req` can have the common case at all: PostgreSQL, and a call's own hold
+    /// (not a lease's share; not a fail-open call, which has no hold), so that a call
+    /// without one does not pay a round trip for the statement to find nothing.
+    fn may_settle_in_one_statement(&self, req: &SettleRequest) -> bool {
+        self.db().dialect() == Dialect::Postgres
+            && req.lease_id.is_none()
+            && req.authorized
+            && self.settles_in_one_statement()
     }
 }
 
