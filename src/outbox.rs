@@ -1,7 +1,8 @@
 //! Settlements waiting to be delivered to the sidecar.
 //!
 //! Pure logic driven by timestamps and results: the root context pushes `Finalize` items in,
-//! asks for the next batch on each tick, and reports how the batch went. Items are retried
+//! asks for the next batch on each tick (and for the next full one when an answer frees a
+//! slot), and reports how the batch went. Items are retried
 //! with exponential backoff until the sidecar applies them (or rejects them for good); the
 //! queue is bounded, and what does not fit is dropped and counted rather than growing the
 //! VM's memory without limit. At most `max_in_flight` batches are in flight at a time: one
@@ -139,7 +140,23 @@ impl Outbox {
     /// due. Items whose backoff has not elapsed stay queued; order among due items is
     /// preserved.
     pub fn next_batch(&mut self, now_ms: u64) -> Option<Batch> {
+        self.take_batch(now_ms, 1)
+    }
+
+    /// Like `next_batch`, but only when a whole batch is queued. Between ticks a batch
+    /// leaves only full: sending whatever is queued the moment an answer arrives made
+    /// batches as small as the sidecar was fast, and each batch costs the sidecar a
+    /// request and a commit, and Envoy a callout, whatever its size. What is left waits
+    /// for the next tick, at most `settle_tick_ms`.
+    pub fn next_full_batch(&mut self, now_ms: u64) -> Option<Batch> {
+        self.take_batch(now_ms, self.config.batch_max)
+    }
+
+    fn take_batch(&mut self, now_ms: u64, min_queued: usize) -> Option<Batch> {
         if self.in_flight.len() >= self.config.max_in_flight.max(1) {
+            return None;
+        }
+        if self.queue.len() < min_queued {
             return None;
         }
         // Take due entries from the front until the batch is full; entries still backing
@@ -340,6 +357,30 @@ mod tests {
         outbox.on_batch_results(second.id, &[ok("c")], 2);
         assert!(outbox.is_empty());
         assert!(outbox.next_batch(3).is_none());
+    }
+
+    /// Between ticks only whole batches leave; the tick takes what is left.
+    #[test]
+    fn full_batches_only_until_the_tick() {
+        let mut outbox = Outbox::new(OutboxConfig {
+            max_in_flight: 2,
+            capacity: 10,
+            ..config()
+        });
+        outbox.push(item("a"), 0);
+        assert!(outbox.next_full_batch(0).is_none(), "one item is no batch");
+        outbox.push(item("b"), 0);
+        outbox.push(item("c"), 0);
+        let full = outbox.next_full_batch(0).expect("two queued make a batch");
+        assert_eq!(ids(&full), ["a", "b"]);
+        assert!(outbox.next_full_batch(0).is_none(), "c alone waits");
+        assert_eq!(ids(&outbox.next_batch(0).expect("the tick")), ["c"]);
+        outbox.push(item("d"), 0);
+        outbox.push(item("e"), 0);
+        assert!(
+            outbox.next_full_batch(0).is_none(),
+            "a whole batch still waits for a free slot"
+        );
     }
 
     /// Two batches may be in flight; answers may come back in either order, each frees its

@@ -163,14 +163,20 @@ impl MeterRoot {
         unix_ms(self.get_current_time())
     }
 
-    /// Send due batches while fewer than `settle_max_in_flight` are in flight.
-    fn flush(&mut self, shared: &Shared) {
+    /// Send due batches while fewer than `settle_max_in_flight` are in flight; with
+    /// `only_full`, only whole batches (see `Outbox::next_full_batch`).
+    fn flush(&mut self, shared: &Shared, only_full: bool) {
         loop {
             let now = self.now_ms();
             let Ok(mut outbox) = shared.outbox.try_borrow_mut() else {
                 return;
             };
-            let Some(batch) = outbox.next_batch(now) else {
+            let next = if only_full {
+                outbox.next_full_batch(now)
+            } else {
+                outbox.next_batch(now)
+            };
+            let Some(batch) = next else {
                 return;
             };
             // Never hold the borrow across a host call.
@@ -319,8 +325,10 @@ impl Context for MeterRoot {
         if self.check_drained(&shared) {
             return;
         }
-        // More may be waiting: keep the pipe busy rather than wait for the next tick.
-        self.flush(&shared);
+        // A whole batch may be waiting: keep the pipe busy rather than wait for the next
+        // tick. A plugin shutting down sends whatever is left at once.
+        let only_full = self.draining_until.is_none();
+        self.flush(&shared, only_full);
     }
 
     fn on_done(&mut self) -> bool {
@@ -341,7 +349,7 @@ impl Context for MeterRoot {
         }
         log::info!("llm-meter: plugin shutting down: delivering {left} settlements first");
         self.draining_until = Some(self.now_ms().saturating_add(DRAIN_LIMIT_MS));
-        self.flush(&shared);
+        self.flush(&shared, false);
         false
     }
 }
@@ -414,7 +422,7 @@ impl RootContext for MeterRoot {
         if self.check_drained(&shared) {
             return;
         }
-        self.flush(&shared);
+        self.flush(&shared, false);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
