@@ -11,7 +11,7 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_RESPONSE_JSON_BYTES: usize = 8 * 1024 * 1024;
-pub const DEFAULT_SETTLE_BATCH_MAX: usize = 100;
+pub const DEFAULT_SETTLE_BATCH_MAX: usize = 200;
 pub const DEFAULT_SETTLE_MAX_IN_FLIGHT: usize = 2;
 pub const DEFAULT_SETTLE_RETRY_INITIAL_MS: u64 = 500;
 pub const DEFAULT_SETTLE_RETRY_MAX_MS: u64 = 30_000;
@@ -199,7 +199,13 @@ impl Config {
             1024,
             u32::MAX as u64,
         )?;
-        in_range("settle_batch_max", self.settle_batch_max as u64, 1, 10_000)?;
+        // A larger batch would be refused by the sidecar as a whole, every time.
+        in_range(
+            "settle_batch_max",
+            self.settle_batch_max as u64,
+            1,
+            llm_meter_protocol::MAX_BATCH_ITEMS as u64,
+        )?;
         in_range(
             "settle_max_in_flight",
             self.settle_max_in_flight as u64,
@@ -466,6 +472,7 @@ mod tests {
             ("user_id_header", json!(":path")),
             ("max_request_body_bytes", json!(0)),
             ("settle_batch_max", json!(0)),
+            ("settle_batch_max", json!(501)),
             ("settle_max_in_flight", json!(0)),
             ("settle_max_in_flight", json!(17)),
             ("outbox_capacity", json!(0)),

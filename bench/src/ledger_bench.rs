@@ -119,7 +119,7 @@ pub struct BatchCell {
 }
 
 /// Calls per settlement batch (the filter's default `settle_batch_max`).
-pub const SETTLE_BATCH: usize = 100;
+pub const SETTLE_BATCH: usize = llm_meter_filter::config::DEFAULT_SETTLE_BATCH_MAX;
 
 /// How long each cell runs, and how often.
 #[derive(Debug, Clone, Copy)]

@@ -21,6 +21,9 @@ pub const PATH_SETTLE: &str = "/internal/v1/settle";
 pub const PATH_VOID: &str = "/internal/v1/void";
 /// Apply many settlements and voids in one request (the filter's outbox uses this).
 pub const PATH_FINALIZE_BATCH: &str = "/internal/v1/finalize";
+/// Most items one finalize batch may carry: the sidecar refuses a larger batch, and the
+/// filter refuses a configuration whose batches could be larger.
+pub const MAX_BATCH_ITEMS: usize = 500;
 
 /// Who is calling. The filter learns it from a header set by an earlier authn filter or
 /// the mesh (`UserId`), or from the caller's own API key, which the sidecar resolves.

@@ -19,8 +19,7 @@ use super::wire;
 use super::{ledger_error_is_transient, AppState};
 use crate::ledger::{Ledger, LedgerError};
 
-/// Most items one finalize batch may carry.
-pub const MAX_BATCH_ITEMS: usize = 500;
+use llm_meter_protocol::MAX_BATCH_ITEMS;
 
 pub fn routes() -> RouteTable<AppState> {
     RouteTable::new()
