@@ -22,8 +22,8 @@ fn chat(max_tokens: u64) -> Value {
     })
 }
 
-/// Authorize calls the sidecar answered, from its Prometheus counters.
-async fn sidecar_authorizations(stack: &Stack) -> u64 {
+/// The sum of the sidecar's Prometheus samples whose line starts with `prefix`.
+async fn sidecar_counter(stack: &Stack, prefix: &str) -> u64 {
     let url = format!("{}/metrics", stack.sidecar.base_url());
     let text = stack
         .http
@@ -35,9 +35,23 @@ async fn sidecar_authorizations(stack: &Stack) -> u64 {
         .await
         .unwrap_or_default();
     text.lines()
-        .filter(|line| line.starts_with("meter_authorize_total{"))
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Authorize calls the sidecar answered.
+async fn sidecar_authorizations(stack: &Stack) -> u64 {
+    sidecar_counter(stack, "meter_authorize_total{").await
+}
+
+/// Finalize batches the sidecar answered.
+async fn sidecar_finalize_batches(stack: &Stack) -> u64 {
+    let route = format!(
+        "meter_http_requests_total{{route=\"{}\"",
+        llm_meter_protocol::PATH_FINALIZE_BATCH
+    );
+    sidecar_counter(stack, &route).await
 }
 
 fn stat(stack: &Stack, name: &str) -> u64 {
@@ -115,7 +129,7 @@ async fn concurrent_calls_under_leases_never_overdraw() {
     for _ in 0..80 {
         let stack = stack.clone();
         calls.push(tokio::spawn(async move {
-            let script = [("x-script-delay-ms", "30")];
+            let script = [("x-script-delay-ms", "5")];
             stack
                 .call("/v1/chat/completions", Some("omar"), &chat(190), &script)
                 .await
@@ -348,5 +362,56 @@ async fn a_full_outbox_refuses_new_calls_rather_than_drop_a_settlement() {
         .call("/v1/chat/completions", Some("sara"), &chat(100), &[])
         .await;
     assert_eq!(after.status, 200, "{}", after.text());
+    assert_reconciled(&stack).await;
+}
+
+/// Between ticks the outbox sends only whole batches; each tick sends what is left. Under
+/// steady load the outbox used to send whatever was queued each time an answer came back,
+/// a few settlements per batch however large `settle_batch_max` (with that code this test
+/// counted 17 and 24 batches against limits of 12 and 13).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_steady_load_settlements_leave_in_whole_batches() {
+    let (batch_max, tick_ms) = (500_u64, 200_u64);
+    let filter = FilterOptions {
+        settle_batch_max: Some(batch_max),
+        settle_tick_ms: Some(tick_ms),
+        ..FilterOptions::default()
+    };
+    let stack = Arc::new(started("lease-batches", filter, "bea", 10_000_000).await);
+    // Eight callers, for ten ticks or 50 calls each (the usage listing shows 500): a
+    // steady stream of settlements across several ticks, never a whole batch between two.
+    let started_at = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let stack = stack.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut made = 0_u64;
+            while made < 50 && started_at.elapsed() < Duration::from_millis(10 * tick_ms) {
+                let script = [("x-script-delay-ms", "30")];
+                let reply = stack
+                    .call("/v1/chat/completions", Some("bea"), &chat(100), &script)
+                    .await;
+                assert_eq!(reply.status, 200, "{}", reply.text());
+                made += 1;
+            }
+            made
+        }));
+    }
+    let mut calls = 0;
+    for task in tasks {
+        calls += task.await.expect("task");
+    }
+    let records = stack.wait_for_usage("bea", calls as usize).await;
+    assert_eq!(records.len(), calls as usize);
+    let batches = sidecar_finalize_batches(&stack).await;
+    let ticks = started_at.elapsed().as_millis() as u64 / tick_ms + 1;
+    // Whole batches (the settlements and a lease release or two), plus at most one
+    // partial batch per tick: the tick's first batch takes every due settlement, up to
+    // a whole batch.
+    let most = (calls + 2).div_ceil(batch_max) + ticks;
+    assert!(
+        batches <= most,
+        "{batches} finalize batches for {calls} settlements over {ticks} ticks (at most {most})"
+    );
     assert_reconciled(&stack).await;
 }

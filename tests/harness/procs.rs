@@ -188,6 +188,9 @@ pub struct FilterOptions {
     pub lease_idle_ms: Option<u64>,
     /// Settlements the filter's outbox keeps at most (`None`: the filter's default).
     pub outbox_capacity: Option<u64>,
+    /// The outbox's batch size and flush tick (`None`: the filter's defaults).
+    pub settle_batch_max: Option<u64>,
+    pub settle_tick_ms: Option<u64>,
 }
 
 impl Default for FilterOptions {
@@ -205,6 +208,8 @@ impl Default for FilterOptions {
             // Idle leases are released quickly so tests see the balance settle soon.
             lease_idle_ms: Some(300),
             outbox_capacity: None,
+            settle_batch_max: None,
+            settle_tick_ms: None,
         }
     }
 }
@@ -232,6 +237,8 @@ impl FilterOptions {
             ("lease_ttl_ms", self.lease_ttl_ms),
             ("lease_idle_ms", self.lease_idle_ms),
             ("outbox_capacity", self.outbox_capacity),
+            ("settle_batch_max", self.settle_batch_max),
+            ("settle_tick_ms", self.settle_tick_ms),
         ];
         for (field, value) in leases {
             if let Some(value) = value {
