@@ -124,6 +124,16 @@ impl Outbox {
         self.in_flight.iter().any(|f| f.id == batch_id)
     }
 
+    /// New settings (the plugin was reconfigured), except that the capacity never shrinks
+    /// while the VM runs: calls admitted under the old capacity must still find room for
+    /// their settlements. A smaller `outbox_capacity` takes effect when Envoy restarts.
+    pub fn reconfigure(&mut self, config: OutboxConfig) {
+        self.config = OutboxConfig {
+            capacity: config.capacity.max(self.config.capacity),
+            ..config
+        };
+    }
+
     pub fn push(&mut self, item: Finalize, now_ms: u64) -> PushResult {
         if self.len() >= self.config.capacity {
             return PushResult::Dropped;
@@ -357,6 +367,41 @@ mod tests {
         outbox.on_batch_results(second.id, &[ok("c")], 2);
         assert!(outbox.is_empty());
         assert!(outbox.next_batch(3).is_none());
+    }
+
+    /// A reconfigured outbox batches by its new settings, keeps everything it held, and
+    /// does not shrink under the calls admitted before.
+    #[test]
+    fn reconfiguring_applies_new_settings_and_loses_nothing() {
+        let mut outbox = Outbox::new(OutboxConfig {
+            capacity: 10,
+            ..config()
+        });
+        for id in ["a", "b", "c", "d", "e"] {
+            outbox.push(item(id), 0);
+        }
+        outbox.reconfigure(OutboxConfig {
+            batch_max: 4,
+            capacity: 2,
+            ..config()
+        });
+        assert_eq!(outbox.len(), 5, "nothing queued is dropped");
+        assert!(!outbox.is_backlogged(), "the capacity stays 10");
+        assert_eq!(outbox.push(item("f"), 0), PushResult::Queued);
+        let batch = outbox.next_batch(0).expect("due");
+        assert_eq!(ids(&batch), ["a", "b", "c", "d"], "the new batch size");
+        outbox.reconfigure(OutboxConfig {
+            capacity: 20,
+            ..config()
+        });
+        for n in 0..14 {
+            assert_eq!(outbox.push(item(&format!("g{n}")), 0), PushResult::Queued);
+        }
+        assert_eq!(
+            outbox.push(item("full"), 0),
+            PushResult::Dropped,
+            "grown to 20"
+        );
     }
 
     /// Between ticks only whole batches leave; the tick takes what is left.

@@ -379,7 +379,9 @@ impl RootContext for MeterRoot {
             Some(Ok(previous)) => {
                 let mut leases = previous.leases.into_inner();
                 leases.reconfigure(lease_config);
-                (previous.outbox.into_inner(), leases)
+                let mut outbox = previous.outbox.into_inner();
+                outbox.reconfigure(outbox_config);
+                (outbox, leases)
             }
             _ => (Outbox::new(outbox_config), LeaseBook::new(lease_config)),
         };
