@@ -54,7 +54,10 @@ async fn sidecar_finalize_batches(stack: &Stack) -> u64 {
     sidecar_counter(stack, &route).await
 }
 
-fn stat(stack: &Stack, name: &str) -> u64 {
+/// One of the filter's counters, after the flush of its next tick (the filter hands its
+/// counts to Envoy every `settle_tick_ms`, 200 ms by default).
+async fn stat(stack: &Stack, name: &str) -> u64 {
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stack.envoy.stat(&format!("wasmcustom.llm_meter.{name}"))
 }
 
@@ -90,8 +93,8 @@ async fn calls_under_a_lease_skip_the_sidecar_and_still_settle_one_by_one() {
         1,
         "one authorization, then the lease"
     );
-    assert_eq!(stat(&stack, "leases_granted"), 1);
-    assert_eq!(stat(&stack, "lease_admissions"), 19);
+    assert_eq!(stat(&stack, "leases_granted").await, 1);
+    assert_eq!(stat(&stack, "lease_admissions").await, 19);
 
     let records = stack.wait_for_usage("lena", 20).await;
     assert_eq!(records.len(), 20, "one usage record per call");
@@ -116,7 +119,7 @@ async fn calls_under_a_lease_skip_the_sidecar_and_still_settle_one_by_one() {
         1_000_000 - 20 * TOKENS_PER_CALL,
         "{quota}"
     );
-    assert!(stat(&stack, "leases_released") >= 1);
+    assert!(stat(&stack, "leases_released").await >= 1);
     assert_reconciled(&stack).await;
 }
 
@@ -261,7 +264,11 @@ async fn an_expired_lease_admits_nothing_and_a_new_one_is_granted() {
         .call("/v1/chat/completions", Some("pia"), &chat(100), &[])
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(stat(&stack, "leases_granted"), 2, "renewed after the TTL");
+    assert_eq!(
+        stat(&stack, "leases_granted").await,
+        2,
+        "renewed after the TTL"
+    );
     assert_eq!(sidecar_authorizations(&stack).await, 2);
     stack.wait_for_usage("pia", 4).await;
     let quota = stack.admin.quota_released("pia", "text_token").await;
@@ -284,7 +291,7 @@ async fn with_leases_off_every_call_is_authorized_on_its_own() {
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
     assert_eq!(sidecar_authorizations(&stack).await, 3);
-    assert_eq!(stat(&stack, "lease_admissions"), 0);
+    assert_eq!(stat(&stack, "lease_admissions").await, 0);
     stack.wait_for_usage("quin", 3).await;
     let quota = stack.admin.quota("quin", "text_token").await;
     assert_eq!(num(&quota, "held"), 0, "{quota}");
@@ -314,7 +321,7 @@ async fn a_call_whose_settlement_would_be_refused_is_never_admitted_under_a_leas
         assert_eq!(reply.json()["error"]["code"], "invalid_request_id");
     }
     assert_eq!(stack.upstream.request_count(), 1, "only the first call ran");
-    assert_eq!(stat(&stack, "lease_admissions"), 0);
+    assert_eq!(stat(&stack, "lease_admissions").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,7 +362,7 @@ async fn a_full_outbox_refuses_new_calls_rather_than_drop_a_settlement() {
     stack.sidecar.restart();
     let records = stack.wait_for_usage("sara", 1 + served).await;
     assert_eq!(records.len(), 1 + served, "every served call settled once");
-    assert_eq!(stat(&stack, "outbox_dropped"), 0);
+    assert_eq!(stat(&stack, "outbox_dropped").await, 0);
     // Delivered again, so new calls are admitted.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = stack

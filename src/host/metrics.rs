@@ -3,24 +3,42 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
+use std::cell::Cell;
 
 /// A counter; `None` when the host refused to define it (metering goes on without it).
-#[derive(Debug, Clone, Copy)]
-pub struct Counter(Option<u32>);
+/// Increments add up in the VM and reach Envoy on `flush` (each root tick): a host call
+/// per increment cost Envoy's worker about a microsecond each, several per request.
+#[derive(Debug)]
+pub struct Counter {
+    id: Option<u32>,
+    pending: Cell<u64>,
+}
 
 impl Counter {
     fn define(name: &str) -> Counter {
         match hostcalls::define_metric(MetricType::Counter, &format!("llm_meter.{name}")) {
-            Ok(id) => Counter(Some(id)),
+            Ok(id) => Counter {
+                id: Some(id),
+                pending: Cell::new(0),
+            },
             Err(status) => {
                 log::warn!("llm-meter: cannot define metric {name}: {status:?}");
-                Counter(None)
+                Counter {
+                    id: None,
+                    pending: Cell::new(0),
+                }
             }
         }
     }
 
     pub fn add(&self, value: u64) {
-        if let (Some(id), true) = (self.0, value > 0) {
+        self.pending.set(self.pending.get().saturating_add(value));
+    }
+
+    /// Hand what was counted since the last flush to Envoy.
+    fn flush(&self) {
+        let value = self.pending.replace(0);
+        if let (Some(id), true) = (self.id, value > 0) {
             let offset = value.min(i64::MAX as u64) as i64;
             let _ = hostcalls::increment_metric(id, offset);
         }
@@ -31,7 +49,7 @@ impl Counter {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Requests on a metered route that reached the authorize step.
     pub requests_metered: Counter,
@@ -86,6 +104,34 @@ impl Metrics {
             lease_admissions: Counter::define("lease_admissions"),
             leases_granted: Counter::define("leases_granted"),
             leases_released: Counter::define("leases_released"),
+        }
+    }
+
+    /// Hand every counter's increments since the last flush to Envoy.
+    pub fn flush(&self) {
+        let all = [
+            &self.requests_metered,
+            &self.allowed,
+            &self.denied,
+            &self.failed_open,
+            &self.failed_closed,
+            &self.rejected_requests,
+            &self.tokens_in,
+            &self.tokens_out,
+            &self.estimated_settlements,
+            &self.finalized,
+            &self.voided,
+            &self.settled,
+            &self.settlement_retries,
+            &self.settlement_rejected,
+            &self.outbox_dropped,
+            &self.usage_chunks_stripped,
+            &self.lease_admissions,
+            &self.leases_granted,
+            &self.leases_released,
+        ];
+        for counter in all {
+            counter.flush();
         }
     }
 }

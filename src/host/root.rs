@@ -300,6 +300,7 @@ impl MeterRoot {
             log::info!("llm-meter: plugin shut down after delivering every settlement");
         }
         self.draining_until = None;
+        shared.metrics.flush();
         self.done();
         true
     }
@@ -345,6 +346,7 @@ impl Context for MeterRoot {
         }
         let left = shared.pending_work();
         if left == 0 {
+            shared.metrics.flush();
             return true;
         }
         log::info!("llm-meter: plugin shutting down: delivering {left} settlements first");
@@ -375,6 +377,9 @@ impl RootContext for MeterRoot {
         // A reconfiguration keeps what is still waiting to be delivered, and the leases
         // calls in flight were admitted under.
         let lease_config = config.lease_config();
+        if let Some(previous) = &self.shared {
+            previous.metrics.flush();
+        }
         let (outbox, leases) = match self.shared.take().map(Rc::try_unwrap) {
             Some(Ok(previous)) => {
                 let mut leases = previous.leases.into_inner();
@@ -407,6 +412,7 @@ impl RootContext for MeterRoot {
         let Some(shared) = self.shared.clone() else {
             return;
         };
+        shared.metrics.flush();
         let now = self.now_ms();
         let expired = match shared.outbox.try_borrow_mut() {
             Ok(mut outbox) => {
