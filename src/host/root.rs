@@ -20,7 +20,9 @@ use std::time::Duration;
 /// (one thread: `Rc`/`RefCell` suffice).
 pub struct Shared {
     pub config: Config,
-    pub metrics: Metrics,
+    /// Kept across reconfigurations: calls still in flight under the previous
+    /// configuration count into the same counters, which this root keeps flushing.
+    pub metrics: Rc<Metrics>,
     outbox: RefCell<Outbox>,
     leases: RefCell<LeaseBook>,
 }
@@ -377,9 +379,10 @@ impl RootContext for MeterRoot {
         // A reconfiguration keeps what is still waiting to be delivered, and the leases
         // calls in flight were admitted under.
         let lease_config = config.lease_config();
-        if let Some(previous) = &self.shared {
-            previous.metrics.flush();
-        }
+        let metrics = match &self.shared {
+            Some(previous) => previous.metrics.clone(),
+            None => Rc::new(Metrics::define()),
+        };
         let (outbox, leases) = match self.shared.take().map(Rc::try_unwrap) {
             Some(Ok(previous)) => {
                 let mut leases = previous.leases.into_inner();
@@ -401,7 +404,7 @@ impl RootContext for MeterRoot {
         );
         self.shared = Some(Rc::new(Shared {
             config,
-            metrics: Metrics::define(),
+            metrics,
             outbox: RefCell::new(outbox),
             leases: RefCell::new(leases),
         }));
