@@ -132,7 +132,7 @@ async fn concurrent_calls_under_leases_never_overdraw() {
     for _ in 0..80 {
         let stack = stack.clone();
         calls.push(tokio::spawn(async move {
-            let script = [("x-script-delay-ms", "5")];
+            let script = [("x-script-delay-ms", "30")];
             stack
                 .call("/v1/chat/completions", Some("omar"), &chat(190), &script)
                 .await

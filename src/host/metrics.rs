@@ -7,7 +7,7 @@ use std::cell::Cell;
 
 /// A counter; `None` when the host refused to define it (metering goes on without it).
 /// Increments add up in the VM and reach Envoy on `flush` (each root tick): a host call
-/// per increment cost Envoy's worker about a microsecond each, several per request.
+/// per increment cost Envoy's worker most of a microsecond, several per request.
 #[derive(Debug)]
 pub struct Counter {
     id: Option<u32>,
@@ -16,18 +16,12 @@ pub struct Counter {
 
 impl Counter {
     fn define(name: &str) -> Counter {
-        match hostcalls::define_metric(MetricType::Counter, &format!("llm_meter.{name}")) {
-            Ok(id) => Counter {
-                id: Some(id),
-                pending: Cell::new(0),
-            },
-            Err(status) => {
-                log::warn!("llm-meter: cannot define metric {name}: {status:?}");
-                Counter {
-                    id: None,
-                    pending: Cell::new(0),
-                }
-            }
+        let id = hostcalls::define_metric(MetricType::Counter, &format!("llm_meter.{name}"))
+            .map_err(|status| log::warn!("llm-meter: cannot define metric {name}: {status:?}"))
+            .ok();
+        Counter {
+            id,
+            pending: Cell::new(0),
         }
     }
 
