@@ -179,10 +179,17 @@ pub(super) const BURN_ORDER_OF_L: &str =
     "l.priority, CASE WHEN l.expires_at IS NULL THEN 1 ELSE 0 END, l.expires_at, l.created_at, l.id";
 
 /// The condition of a lot [`burn`] may take units from.
-const BURNABLE: &str = "status = 'active' AND remaining > 0";
+pub(super) const BURNABLE: &str = "status = 'active' AND remaining > 0";
 
 /// [`BURNABLE`] for lots joined as `l`.
 pub(super) const BURNABLE_OF_L: &str = "l.status = 'active' AND l.remaining > 0";
+
+/// PostgreSQL: the lots of the account of the one-row CTE `h` (a hold, read first), as
+/// lots joined as `l`. Compared with `h`'s values (read once, before the scan) rather than
+/// joined to it, so the planner walks `ix_lots_burn` in burn order and stops at the LIMIT
+/// instead of sorting every active lot of the account.
+pub(super) const LOTS_OF_H: &str = "l.user_id = (SELECT user_id FROM h) \
+     AND l.quota_type = (SELECT quota_type FROM h)";
 
 /// Lots a burn reads at first, in burn order. A call nearly always fits in the first lot
 /// or two, so a user with a thousand live lots settles as fast as one with a single lot;
@@ -212,13 +219,7 @@ async fn open_lots(
     } else {
         "status IN ('pending', 'active')"
     };
-    // Row locks are taken on the lots read, and a burn writes no other lot.
-    let limit = limit.map_or(String::new(), |n| format!(" LIMIT {n}"));
-    let sql = format!(
-        "SELECT id, status, remaining, effective_from, expires_at FROM quota_lots \
-         WHERE user_id = ? AND quota_type = ? AND {filter} ORDER BY {BURN_ORDER}{limit}{}",
-        db.dialect().for_update()
-    );
+    let sql = open_lots_sql(db.dialect(), filter, limit);
     let rows = sqlx::query(&db.sql(&sql))
         .bind(&account.user_id)
         .bind(&account.quota_type)
@@ -235,6 +236,17 @@ async fn open_lots(
             })
         })
         .collect()
+}
+
+/// The read of [`open_lots`]: an account's lots passing `filter`, in burn order, locked.
+pub(super) fn open_lots_sql(dialect: Dialect, filter: &str, limit: Option<usize>) -> String {
+    // Row locks are taken on the lots read, and a burn writes no other lot.
+    let limit = limit.map_or(String::new(), |n| format!(" LIMIT {n}"));
+    format!(
+        "SELECT id, status, remaining, effective_from, expires_at FROM quota_lots \
+         WHERE user_id = ? AND quota_type = ? AND {filter} ORDER BY {BURN_ORDER}{limit}{}",
+        dialect.for_update()
+    )
 }
 
 /// Expires lots past their expiry and activates pending lots now effective (paying debt
@@ -553,6 +565,106 @@ mod tests {
             out = out.replace(column, &format!("l.{column}"));
         }
         out.replace(", id", ", l.id")
+    }
+
+    /// `ix_lots_burn` is the burn order with its expression in parentheses.
+    #[test]
+    fn the_burn_index_follows_the_burn_order() {
+        let indexed = crate::storage::schema::BURN_INDEX_COLUMNS
+            .replace("(CASE", "CASE")
+            .replace("END)", "END");
+        assert_eq!(
+            indexed,
+            format!("user_id, quota_type, status, {BURN_ORDER}")
+        );
+    }
+
+    /// `sql` with each `?` replaced by the next of `values`, quoted (for EXPLAIN).
+    fn with_literals(sql: &str, values: &[&str]) -> String {
+        let mut values = values.iter();
+        sql.chars()
+            .map(|c| match c {
+                '?' => format!("'{}'", values.next().expect("a value per placeholder")),
+                c => c.to_string(),
+            })
+            .collect()
+    }
+
+    async fn plan_of(db: &Db, sql: &str) -> String {
+        let explain = match db.dialect() {
+            Dialect::Sqlite => format!("EXPLAIN QUERY PLAN {sql}"),
+            _ => format!("EXPLAIN {sql}"),
+        };
+        let column = usize::from(db.dialect() == Dialect::Sqlite) * 3;
+        let rows = sqlx::query(&explain).fetch_all(db.pool()).await.unwrap();
+        let lines: Vec<String> = rows.iter().map(|r| r.get(column)).collect();
+        lines.join("\n")
+    }
+
+    /// A burn reads an account's first lots by walking `ix_lots_burn` in burn order, so an
+    /// account with hundreds of live lots does not have them all read and sorted: the
+    /// account's lots in `open_lots` (SQLite, PostgreSQL) and in a settlement's combined
+    /// read (PostgreSQL). MySQL keeps `ix_lots_user` (no expression indexes).
+    #[tokio::test]
+    async fn burns_walk_the_burn_index_instead_of_sorting_every_lot() {
+        use crate::storage::testing::{fresh, selected_backends};
+        for backend in selected_backends() {
+            if backend == Dialect::MySql {
+                continue;
+            }
+            let t = fresh(backend).await;
+            let db = &t.db;
+            // 300 live lots of distinct priorities and expiries for one account, one lot
+            // for each of 2,000 others.
+            let owners = (0..300)
+                .map(|i| {
+                    (
+                        "many".to_string(),
+                        i % 7,
+                        (i % 3 != 0).then_some(10_000 + i),
+                    )
+                })
+                .chain((0..2000).map(|i| (format!("u{i}"), 0, None)));
+            let rows: Vec<_> = owners.collect();
+            for (n, chunk) in rows.chunks(200).enumerate() {
+                let tuples: Vec<String> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (user, priority, expires))| {
+                        let expires = expires.map_or("NULL".into(), |e: i64| e.to_string());
+                        format!(
+                            "('{user}', 'text_token', 'grant', 's{n}-{i}', 100, 100, 0, 0, \
+                             {priority}, 0, {expires}, 'active', 1, 1)"
+                        )
+                    })
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO quota_lots (user_id, quota_type, source_type, source_id, amount, \
+                     remaining, used, expired, priority, effective_from, expires_at, status, \
+                     created_at, updated_at) VALUES {}",
+                    tuples.join(", ")
+                );
+                sqlx::query(&sql).execute(db.pool()).await.unwrap();
+            }
+            sqlx::query("ANALYZE").execute(db.pool()).await.unwrap();
+
+            let read = open_lots_sql(backend, BURNABLE, Some(BURN_READ_LIMIT));
+            let plan = plan_of(db, &with_literals(&read, &["many", "text_token"])).await;
+            assert!(plan.contains("ix_lots_burn"), "{backend:?}:\n{plan}");
+            assert!(
+                !plan.contains("TEMP B-TREE") && !plan.contains("Sort"),
+                "{backend:?} sorts the lots:\n{plan}"
+            );
+            let read = super::super::settle::hold_and_lots_sql(backend);
+            let plan = plan_of(db, &with_literals(&read, &["r-1"])).await;
+            assert!(plan.contains("ix_lots_burn"), "{backend:?}:\n{plan}");
+            match backend {
+                // One sort: of the (at most 16) rows read, not of every lot.
+                Dialect::Postgres => assert_eq!(plan.matches("Sort Key").count(), 1, "{plan}"),
+                _ => assert!(!plan.contains("TEMP B-TREE"), "{plan}"),
+            }
+            t.cleanup().await;
+        }
     }
 
     /// The joined read of a settlement must burn in the same order, from the same lots, as

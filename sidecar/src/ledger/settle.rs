@@ -11,7 +11,7 @@ use sqlx::Row;
 
 use super::accounts::{
     burn, lock_account, refresh_lots, save_account_in, Account, Entry, Journal, LotRow,
-    BURNABLE_OF_L, BURN_ORDER_OF_L, BURN_READ_LIMIT,
+    BURNABLE_OF_L, BURN_ORDER_OF_L, BURN_READ_LIMIT, LOTS_OF_H,
 };
 use super::authorize::MAX_UNITS_PER_CALL;
 use super::group::{Done, Op};
@@ -1031,7 +1031,7 @@ const HOLD_AND_ACCOUNT_OF_H_A: &str = "h.user_id, h.quota_type, h.provider, h.mo
 /// in: the lots' query reads the materialized hold, so it cannot run before it. MySQL never
 /// reads this way ([`load_hold_to_charge`] locks its lots when it burns them); it shares
 /// SQLite's text only so that the match is whole.
-fn hold_and_lots_sql(dialect: Dialect) -> String {
+pub(super) fn hold_and_lots_sql(dialect: Dialect) -> String {
     hold_and_lots_sql_with(dialect, "")
 }
 
@@ -1044,8 +1044,8 @@ fn hold_and_lots_sql_with(dialect: Dialect, extra: &str) -> String {
              ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
              WHERE h.request_id = ? FOR UPDATE), \
              l AS MATERIALIZED (SELECT l.id, l.status, l.remaining, l.effective_from, \
-             l.expires_at, l.priority, l.created_at FROM quota_lots l JOIN h \
-             ON l.user_id = h.user_id AND l.quota_type = h.quota_type WHERE {BURNABLE_OF_L} \
+             l.expires_at, l.priority, l.created_at FROM quota_lots l \
+             WHERE {LOTS_OF_H} AND {BURNABLE_OF_L} \
              ORDER BY {BURN_ORDER_OF_L} LIMIT {BURN_READ_LIMIT} FOR UPDATE OF l) \
              SELECT h.*, l.id, l.status, l.remaining, l.effective_from, l.expires_at{extra} \
              FROM h LEFT JOIN l ON TRUE ORDER BY {BURN_ORDER_OF_L}"

@@ -27,7 +27,7 @@
 use llm_meter_protocol::{Outcome, SettleRequest, SettleResponse, SettleStatus};
 use sqlx::Row;
 
-use super::accounts::{BURNABLE_OF_L, BURN_ORDER_OF_L};
+use super::accounts::{BURNABLE_OF_L, BURN_ORDER_OF_L, LOTS_OF_H};
 use super::settle::{measure, outcome_name, token_columns, Target};
 use super::{Ledger, LedgerError};
 use crate::pricing::format_micros;
@@ -54,8 +54,8 @@ fn settle_sql(daily_cost_upsert: &str) -> String {
            FROM ledger_accounts a JOIN h ON a.user_id = h.user_id AND a.quota_type = h.quota_type \
            WHERE (a.next_event_at IS NULL OR a.next_event_at > ?) FOR UPDATE OF a), \
          l AS MATERIALIZED (SELECT l.id, l.remaining FROM quota_lots l \
-           JOIN h ON l.user_id = h.user_id AND l.quota_type = h.quota_type \
-           WHERE {BURNABLE_OF_L} ORDER BY {BURN_ORDER_OF_L} LIMIT 1 FOR UPDATE OF l), \
+           WHERE {LOTS_OF_H} AND {BURNABLE_OF_L} ORDER BY {BURN_ORDER_OF_L} LIMIT 1 \
+           FOR UPDATE OF l), \
          ok AS MATERIALIZED (SELECT h.user_id, h.quota_type, h.amount, h.created_at, \
            l.id AS lot_id FROM h, a, l WHERE a.available >= ? AND l.remaining >= ? \
            AND NOT EXISTS (SELECT 1 FROM usage_records u WHERE u.request_id = ?)), \

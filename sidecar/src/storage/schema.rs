@@ -97,6 +97,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "lean settlement indexes",
         statements: lean_settlement_indexes,
     },
+    Migration {
+        version: 5,
+        name: "burn-order index",
+        statements: burn_order_index,
+    },
 ];
 
 /// Highest migration version this build knows.
@@ -510,6 +515,29 @@ fn lean_settlement_indexes(dialect: Dialect) -> Vec<String> {
             .map(|(name, table)| drop_index(dialect, name, table)),
     );
     statements
+}
+
+/// The columns of `ix_lots_burn`: an account's key, then the lot's status and the burn
+/// order (`ledger::accounts::BURN_ORDER`, its expression in parentheses).
+pub(crate) const BURN_INDEX_COLUMNS: &str = "user_id, quota_type, status, priority, \
+     (CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END), expires_at, created_at, id";
+
+/// Version 5: a burn reads an account's first active lots in burn order. Served by
+/// `ix_lots_user` (user, quota type, status), the database read and sorted every active lot
+/// to return the first 16: a user with 1,000 live lots settled in twice the time of a user
+/// with one. Ordered by the burn order after the same prefix, the index returns those lots
+/// in order, and it still serves every query `ix_lots_user` did (the same three leading
+/// columns), which it replaces. Burns update only `remaining`, `used` and `updated_at`, none
+/// of them indexed, so PostgreSQL keeps updating lots in place (HOT). MySQL has no
+/// expression index short of a generated column; there the lots keep `ix_lots_user`.
+fn burn_order_index(dialect: Dialect) -> Vec<String> {
+    match dialect {
+        Dialect::Sqlite | Dialect::Postgres => vec![
+            create_index(dialect, "ix_lots_burn", "quota_lots", BURN_INDEX_COLUMNS),
+            drop_index(dialect, "ix_lots_user", "quota_lots"),
+        ],
+        Dialect::MySql => Vec::new(),
+    }
 }
 
 fn drop_index(dialect: Dialect, name: &str, table: &str) -> String {
