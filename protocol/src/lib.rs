@@ -373,9 +373,12 @@ impl Finalize {
     }
 }
 
+/// A batch of finalize items. The receiver reads `Vec<Finalize>` (the default); a sender may
+/// serialise a borrowed slice (the filter keeps the items for retries and need not copy
+/// them to send them).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct FinalizeBatchRequest {
-    pub items: Vec<Finalize>,
+pub struct FinalizeBatchRequest<Items = Vec<Finalize>> {
+    pub items: Items,
 }
 
 /// Outcome of one batch item. `Rejected` is permanent (e.g. a retry with other figures):
@@ -434,6 +437,29 @@ mod tests {
         assert_eq!(item.request_id(), "r1");
         let back: Finalize = serde_json::from_value(json).unwrap();
         assert_eq!(back, item);
+    }
+
+    /// What the filter sends from a borrowed slice is what the sidecar reads as a batch.
+    #[test]
+    fn a_batch_sent_from_a_slice_reads_back_as_the_same_items() {
+        let items = vec![
+            Finalize::Void(VoidRequest {
+                request_id: "r1".into(),
+                reason: "upstream 500".into(),
+                upstream_status: 500,
+                lease_id: None,
+                held: 0,
+            }),
+            Finalize::Release(ReleaseRequest {
+                lease_id: "lease:abc".into(),
+            }),
+        ];
+        let json = serde_json::to_string(&FinalizeBatchRequest {
+            items: items.as_slice(),
+        })
+        .unwrap();
+        let back: FinalizeBatchRequest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, FinalizeBatchRequest { items });
     }
 
     #[test]

@@ -200,7 +200,7 @@ impl MeterRoot {
     fn send_batch(&self, shared: &Shared, batch: &Batch) -> Result<u32, String> {
         let config = &shared.config;
         let body = serde_json::to_vec(&FinalizeBatchRequest {
-            items: batch.items.clone(),
+            items: batch.items.as_slice(),
         })
         .map_err(|e| format!("cannot serialise: {e}"))?;
         self.dispatch_http_call(
