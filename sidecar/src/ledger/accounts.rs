@@ -602,9 +602,9 @@ mod tests {
     }
 
     /// A burn reads an account's first lots by walking `ix_lots_burn` in burn order, so an
-    /// account with hundreds of live lots does not have them all read and sorted: the
-    /// account's lots in `open_lots` (SQLite, PostgreSQL) and in a settlement's combined
-    /// read (PostgreSQL). MySQL keeps `ix_lots_user` (no expression indexes).
+    /// account with hundreds of live lots does not have them all read and sorted: in
+    /// `open_lots` and in a settlement's combined read of hold and lots, on SQLite and
+    /// PostgreSQL. MySQL keeps `ix_lots_user` (no expression indexes).
     #[tokio::test]
     async fn burns_walk_the_burn_index_instead_of_sorting_every_lot() {
         use crate::storage::testing::{fresh, selected_backends};

@@ -530,6 +530,8 @@ pub(crate) const BURN_INDEX_COLUMNS: &str = "user_id, quota_type, status, priori
 /// columns), which it replaces. Burns update only `remaining`, `used` and `updated_at`, none
 /// of them indexed, so PostgreSQL keeps updating lots in place (HOT). MySQL has no
 /// expression index short of a generated column; there the lots keep `ix_lots_user`.
+/// Building the index holds writes to `quota_lots` for its duration (seconds for millions
+/// of lots), once, when the first sidecar of this version starts.
 fn burn_order_index(dialect: Dialect) -> Vec<String> {
     match dialect {
         Dialect::Sqlite | Dialect::Postgres => vec![
