@@ -173,23 +173,28 @@ impl Outbox {
         // off go back in front, in their order. The rest of the queue is not touched: under
         // load it holds thousands of settlements, and moving them all for every batch cost
         // Envoy's worker memory traffic per call.
-        let mut taken = Vec::with_capacity(self.config.batch_max.min(self.queue.len()));
-        let mut backing_off = Vec::new();
-        while taken.len() < self.config.batch_max {
+        let mut popped = Vec::with_capacity(self.config.batch_max.min(self.queue.len()));
+        let mut due = 0;
+        while due < self.config.batch_max {
             let Some(entry) = self.queue.pop_front() else {
                 break;
             };
-            if entry.not_before_ms <= now_ms {
-                taken.push(entry);
-            } else {
-                backing_off.push(entry);
-            }
+            due += usize::from(entry.not_before_ms <= now_ms);
+            popped.push(entry);
         }
+        if due < min_queued.max(1) {
+            // Too few are due (retries still backing off count for nothing): everything
+            // goes back as it was.
+            for entry in popped.into_iter().rev() {
+                self.queue.push_front(entry);
+            }
+            return None;
+        }
+        let (taken, backing_off): (Vec<Entry>, Vec<Entry>) = popped
+            .into_iter()
+            .partition(|entry| entry.not_before_ms <= now_ms);
         for entry in backing_off.into_iter().rev() {
             self.queue.push_front(entry);
-        }
-        if taken.is_empty() {
-            return None;
         }
         let id = self.next_batch_id;
         self.next_batch_id += 1;
@@ -426,6 +431,39 @@ mod tests {
             outbox.next_full_batch(0).is_none(),
             "a whole batch still waits for a free slot"
         );
+    }
+
+    /// Retries still backing off do not make a batch whole: between ticks only a batch of
+    /// items due now leaves, and the queue keeps its order when none does.
+    #[test]
+    fn retries_backing_off_do_not_count_toward_a_full_batch() {
+        let mut outbox = Outbox::new(OutboxConfig {
+            batch_max: 3,
+            capacity: 10,
+            ..config()
+        });
+        for id in ["a", "b"] {
+            outbox.push(item(id), 0);
+        }
+        let failed = outbox.next_batch(0).unwrap();
+        assert_eq!(
+            outbox.on_batch_failed(failed.id, 0),
+            2,
+            "a, b back off until 100"
+        );
+        for id in ["c", "d"] {
+            outbox.push(item(id), 10);
+        }
+        assert!(
+            outbox.next_full_batch(10).is_none(),
+            "four queued, but only c and d are due"
+        );
+        outbox.push(item("e"), 10);
+        let full = outbox.next_full_batch(10).expect("c, d, e are due");
+        assert_eq!(ids(&full), ["c", "d", "e"]);
+        assert_eq!(outbox.on_batch_failed(full.id, 10), 3);
+        let retry = outbox.next_batch(100).expect("a and b are due again");
+        assert_eq!(ids(&retry), ["a", "b"], "the queue kept its order");
     }
 
     /// Two batches may be in flight; answers may come back in either order, each frees its
