@@ -101,28 +101,50 @@ impl Metrics {
         }
     }
 
-    /// Hand every counter's increments since the last flush to Envoy.
+    /// Hand every counter's increments since the last flush to Envoy. The pattern names
+    /// every field, so a counter added to `Metrics` cannot be left out of the flush.
     pub fn flush(&self) {
+        let Metrics {
+            requests_metered,
+            allowed,
+            denied,
+            failed_open,
+            failed_closed,
+            rejected_requests,
+            tokens_in,
+            tokens_out,
+            estimated_settlements,
+            finalized,
+            voided,
+            settled,
+            settlement_retries,
+            settlement_rejected,
+            outbox_dropped,
+            usage_chunks_stripped,
+            lease_admissions,
+            leases_granted,
+            leases_released,
+        } = self;
         let all = [
-            &self.requests_metered,
-            &self.allowed,
-            &self.denied,
-            &self.failed_open,
-            &self.failed_closed,
-            &self.rejected_requests,
-            &self.tokens_in,
-            &self.tokens_out,
-            &self.estimated_settlements,
-            &self.finalized,
-            &self.voided,
-            &self.settled,
-            &self.settlement_retries,
-            &self.settlement_rejected,
-            &self.outbox_dropped,
-            &self.usage_chunks_stripped,
-            &self.lease_admissions,
-            &self.leases_granted,
-            &self.leases_released,
+            requests_metered,
+            allowed,
+            denied,
+            failed_open,
+            failed_closed,
+            rejected_requests,
+            tokens_in,
+            tokens_out,
+            estimated_settlements,
+            finalized,
+            voided,
+            settled,
+            settlement_retries,
+            settlement_rejected,
+            outbox_dropped,
+            usage_chunks_stripped,
+            lease_admissions,
+            leases_granted,
+            leases_released,
         ];
         for counter in all {
             counter.flush();
