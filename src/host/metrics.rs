@@ -43,111 +43,58 @@ impl Counter {
     }
 }
 
-#[derive(Debug)]
-pub struct Metrics {
-    /// Requests on a metered route that reached the authorize step.
-    pub requests_metered: Counter,
-    pub allowed: Counter,
-    pub denied: Counter,
-    pub failed_open: Counter,
-    pub failed_closed: Counter,
-    /// Answered by the filter before authorize: no identity, bad or oversized body.
-    pub rejected_requests: Counter,
-    pub tokens_in: Counter,
-    pub tokens_out: Counter,
-    /// Settlements with any estimated figure.
-    pub estimated_settlements: Counter,
-    /// Settlements and voids queued for delivery.
-    pub finalized: Counter,
-    pub voided: Counter,
-    /// Items applied by the sidecar.
-    pub settled: Counter,
-    pub settlement_retries: Counter,
-    /// Items the sidecar rejected for good.
-    pub settlement_rejected: Counter,
-    /// Items dropped because the outbox was full (or could not be drained at shutdown).
-    pub outbox_dropped: Counter,
-    /// Injected usage-only chunks removed from what clients receive.
-    pub usage_chunks_stripped: Counter,
-    /// Calls admitted under a lease, without asking the sidecar.
-    pub lease_admissions: Counter,
-    pub leases_granted: Counter,
-    /// Releases of leases queued for delivery.
-    pub leases_released: Counter,
+/// Declares `Metrics` from one list of counters: the struct, `define` (named after each
+/// field) and `flush`, so no counter can be defined without being flushed.
+macro_rules! metrics {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        #[derive(Debug)]
+        pub struct Metrics {
+            $($(#[$doc])* pub $name: Counter,)*
+        }
+
+        impl Metrics {
+            pub fn define() -> Metrics {
+                Metrics {
+                    $($name: Counter::define(stringify!($name)),)*
+                }
+            }
+
+            /// Hand every counter's increments since the last flush to Envoy.
+            pub fn flush(&self) {
+                $(self.$name.flush();)*
+            }
+        }
+    };
 }
 
-impl Metrics {
-    pub fn define() -> Metrics {
-        Metrics {
-            requests_metered: Counter::define("requests_metered"),
-            allowed: Counter::define("allowed"),
-            denied: Counter::define("denied"),
-            failed_open: Counter::define("failed_open"),
-            failed_closed: Counter::define("failed_closed"),
-            rejected_requests: Counter::define("rejected_requests"),
-            tokens_in: Counter::define("tokens_in"),
-            tokens_out: Counter::define("tokens_out"),
-            estimated_settlements: Counter::define("estimated_settlements"),
-            finalized: Counter::define("finalized"),
-            voided: Counter::define("voided"),
-            settled: Counter::define("settled"),
-            settlement_retries: Counter::define("settlement_retries"),
-            settlement_rejected: Counter::define("settlement_rejected"),
-            outbox_dropped: Counter::define("outbox_dropped"),
-            usage_chunks_stripped: Counter::define("usage_chunks_stripped"),
-            lease_admissions: Counter::define("lease_admissions"),
-            leases_granted: Counter::define("leases_granted"),
-            leases_released: Counter::define("leases_released"),
-        }
-    }
-
-    /// Hand every counter's increments since the last flush to Envoy. The pattern names
-    /// every field, so a counter added to `Metrics` cannot be left out of the flush.
-    pub fn flush(&self) {
-        let Metrics {
-            requests_metered,
-            allowed,
-            denied,
-            failed_open,
-            failed_closed,
-            rejected_requests,
-            tokens_in,
-            tokens_out,
-            estimated_settlements,
-            finalized,
-            voided,
-            settled,
-            settlement_retries,
-            settlement_rejected,
-            outbox_dropped,
-            usage_chunks_stripped,
-            lease_admissions,
-            leases_granted,
-            leases_released,
-        } = self;
-        let all = [
-            requests_metered,
-            allowed,
-            denied,
-            failed_open,
-            failed_closed,
-            rejected_requests,
-            tokens_in,
-            tokens_out,
-            estimated_settlements,
-            finalized,
-            voided,
-            settled,
-            settlement_retries,
-            settlement_rejected,
-            outbox_dropped,
-            usage_chunks_stripped,
-            lease_admissions,
-            leases_granted,
-            leases_released,
-        ];
-        for counter in all {
-            counter.flush();
-        }
-    }
+metrics! {
+    /// Requests on a metered route that reached the authorize step.
+    requests_metered,
+    allowed,
+    denied,
+    failed_open,
+    failed_closed,
+    /// Answered by the filter before authorize: no identity, bad or oversized body.
+    rejected_requests,
+    tokens_in,
+    tokens_out,
+    /// Settlements with any estimated figure.
+    estimated_settlements,
+    /// Settlements and voids queued for delivery.
+    finalized,
+    voided,
+    /// Items applied by the sidecar.
+    settled,
+    settlement_retries,
+    /// Items the sidecar rejected for good.
+    settlement_rejected,
+    /// Items dropped because the outbox was full (or could not be drained at shutdown).
+    outbox_dropped,
+    /// Injected usage-only chunks removed from what clients receive.
+    usage_chunks_stripped,
+    /// Calls admitted under a lease, without asking the sidecar.
+    lease_admissions,
+    leases_granted,
+    /// Releases of leases queued for delivery.
+    leases_released,
 }
